@@ -1,0 +1,254 @@
+"""Compose `configs/` presets, the experiment file and CLI overrides into one frozen `Config`.
+
+Layers, lowest first:
+  1. schema defaults (hpc.config.schema)
+  2. the presets the experiment names under `defaults:` (configs/model|strategy|cluster/NAME.yaml),
+     replaced by a CLI choice such as `strategy=zero3` or `cluster=local`
+  3. the experiment's own sections (configs/exp/NAME.yaml: `train:`, `slurm:`, ...)
+  4. CLI overrides: dotted (`train.lr=3e-4`) or shorthand (`nodes=4`, `time=04:00:00`, ...)
+
+Every key is checked against the schema before merging, so a typo fails with the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import time
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from hpc.config.errors import ConfigError, did_you_mean, unknown_choice
+from hpc.config.schema import Config
+
+# Preset groups: a bare `model=NAME` picks configs/model/NAME.yaml.
+GROUPS = ("model", "strategy", "cluster")
+# Top-level shorthands for the keys people type most.
+SHORTHANDS = {
+    "nodes": "slurm.nodes",
+    "gpus_per_node": "slurm.gpus_per_node",
+    "time": "slurm.time",
+    "partition": "slurm.partition",
+    "account": "slurm.account",
+    "qos": "slurm.qos",
+}
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "exp")
+# Values that must reach the schema as the exact text typed (YAML would read 1:30:00 as base 60).
+_LITERAL_KEYS = {"slurm.time", "slurm.job_name", "slurm.partition", "slurm.account", "slurm.qos",
+                 "run.name"}
+
+
+def configs_dir() -> Path:
+    """The configs/ folder: $HPC_CONFIG_DIR, else the one beside the hpc package."""
+    env = os.environ.get("HPC_CONFIG_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
+
+
+def available(group: str, root: Path | None = None) -> list[str]:
+    folder = (root or configs_dir()) / group
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def _load_yaml(group: str, name: str, root: Path) -> dict[str, Any]:
+    path = root / group / f"{name}.yaml"
+    if not path.is_file():
+        raise unknown_choice(group if group != "exp" else "exp", name, available(group, root))
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path))
+    except OmegaConfBaseException as err:  # also wraps YAML syntax errors
+        raise ConfigError(f"{path}: cannot read: {str(err).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
+    """Split `key=value` tokens; anything else is an error that shows the expected form."""
+    pairs = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"'{arg}': expected key=value, e.g. exp=70b_zero3 nodes=4 train.lr=3e-4")
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def _parse_value(key: str, text: str) -> Any:
+    if key in _LITERAL_KEYS:
+        return text
+    # YAML typing for everything else: 3e-4 -> float, true -> bool, [a,b] -> list, null -> None.
+    return OmegaConf.from_dotlist([f"v={text}"])["v"] if text != "" else ""
+
+
+def _dict_fields(cls: type) -> set[str]:
+    """Fields of a dataclass typed as free-form dicts (extra keys passed through unchecked)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name for f in dataclasses.fields(cls) if typing.get_origin(hints[f.name]) is dict}
+
+
+def _nested(cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def check_keys(data: Mapping[str, Any], cls: type, prefix: str) -> None:
+    """Raise ConfigError for the first key of `data` that `cls` lacks, with the closest valid key."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    nested, free = _nested(cls), _dict_fields(cls)
+    for key, value in data.items():
+        if key not in names:
+            where = prefix.rstrip(".") or "the config"
+            raise ConfigError(
+                f"unknown key '{prefix}{key}' in {where}{did_you_mean(str(key), names)} "
+                f"(valid keys: {', '.join(names)})"
+            )
+        if key in nested and isinstance(value, Mapping):
+            check_keys(value, nested[key], f"{prefix}{key}.")
+        elif key in free and value is not None and not isinstance(value, Mapping):
+            raise ConfigError(f"{prefix}{key}: expected a mapping of keys to values, got {value!r}")
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"'{dotted}': '{part}' is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def resolve_cluster(name: str, which: Callable[[str], str | None] = shutil.which,
+                    environ: Mapping[str, str] = os.environ) -> str:
+    """`auto` is $HPC_CLUSTER if set, else `slurm` when sbatch is on PATH, else `local`."""
+    if name != "auto":
+        return name
+    if environ.get("HPC_CLUSTER"):
+        return environ["HPC_CLUSTER"]
+    return "slurm" if which("sbatch") else "local"
+
+
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "text", list: "a list",
+          dict: "a mapping"}
+
+
+def _expected(full_key: str) -> str:
+    """What the schema wants at a dotted key, in words ('an integer', ...)."""
+    cls: Any = Config
+    hint: Any = None
+    for part in full_key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            break
+        hint = typing.get_type_hints(cls).get(part)
+        cls = hint
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if hint is not None else []
+    base = typing.get_origin(hint) or hint
+    if base not in _KINDS and args:  # X | None
+        base = typing.get_origin(args[0]) or args[0]
+    return _KINDS.get(base, "a value of another type")
+
+
+def _type_error(err: OmegaConfBaseException, layer: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    match = re.search(r"Value '(.*?)' (?:of type|is not)", str(err))
+    shown = f"={match.group(1)!r}" if match else ""
+    if match:
+        return ConfigError(f"{key}{shown}: expected {_expected(key)} (from {layer})")
+    return ConfigError(f"{key}: {str(err).splitlines()[0]} (from {layer})")
+
+
+def compose(
+    overrides: Sequence[str] = (),
+    *,
+    root: Path | None = None,
+    which: Callable[[str], str | None] = shutil.which,
+    environ: Mapping[str, str] = os.environ,
+    now: Callable[[], float] = time.time,
+) -> Config:
+    """Build the frozen Config for `exp=NAME key=value ...` (see the module docstring)."""
+    root = root or configs_dir()
+    choices: dict[str, str] = {}
+    dotted: list[tuple[str, Any]] = []
+    exp = "tiny_cpu"
+    valid_top = list(dict.fromkeys(["exp", *GROUPS, *SHORTHANDS, *SECTIONS]))
+    for key, text in parse_overrides(overrides):
+        head = key.split(".")[0]
+        if key == "exp":
+            exp = text
+        elif key in GROUPS:
+            choices[key] = text
+        elif key in SHORTHANDS:
+            dotted.append((SHORTHANDS[key], _parse_value(SHORTHANDS[key], text)))
+        elif "." in key and head in SECTIONS:
+            dotted.append((key, _parse_value(key, text)))
+        elif key in SECTIONS:
+            raise ConfigError(f"'{key}' is a section; set its keys one by one, e.g. {key}.KEY=VALUE")
+        else:
+            hint = did_you_mean(head, valid_top) if "." in key else did_you_mean(key, valid_top)
+            raise ConfigError(f"unknown key '{key}'{hint} (top-level keys: {', '.join(valid_top)})")
+
+    exp_data = _load_yaml("exp", exp, root)
+    picks = exp_data.pop("defaults", {}) or {}
+    for key in exp_data:
+        if key not in SECTIONS:
+            raise ConfigError(f"configs/exp/{exp}.yaml: unknown section '{key}'"
+                              f"{did_you_mean(key, SECTIONS)} (sections: defaults, {', '.join(SECTIONS)})")
+    for group in picks:
+        if group not in GROUPS:
+            raise ConfigError(f"configs/exp/{exp}.yaml: defaults.{group} is not a preset group "
+                              f"({', '.join(GROUPS)})")
+    picks = {"model": "tiny", "strategy": "ddp", "cluster": "auto", **picks, **choices}
+    picks["cluster"] = resolve_cluster(str(picks["cluster"]), which, environ)
+
+    presets = {group: _load_yaml(group, str(picks[group]), root) for group in GROUPS}
+    for group in ("model", "cluster"):  # their `name` records the preset (strategy.name is the engine)
+        presets[group]["name"] = str(picks[group])
+    cli: dict[str, Any] = {}
+    for key, value in dotted:
+        _set_dotted(cli, key, value)
+
+    layers = [("presets", presets), (f"configs/exp/{exp}.yaml", exp_data), ("the command line", cli)]
+    for layer, data in layers:
+        check_keys(data, Config, "")
+    merged = OmegaConf.structured(Config)
+    OmegaConf.set_readonly(merged, False)
+    for layer, data in layers:
+        try:
+            merged = OmegaConf.merge(merged, data)
+        except OmegaConfBaseException as err:
+            raise _type_error(err, layer) from None
+    final: dict[str, Any] = {"exp": exp}
+    if merged.run.name is None:
+        final["run"] = {"name": f"{exp}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now()))}"}
+    merged = OmegaConf.merge(merged, final)
+    try:
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        cause = err.__cause__ if isinstance(err.__cause__, ConfigError) else None
+        if cause is not None:
+            raise cause from None
+        raise _type_error(err, "the composed config") from None
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (written into the run folder, printed by --dry-run)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(text: str) -> Config:
+    """Read back a resolved config written by to_yaml (e.g. from a run folder)."""
+    base = OmegaConf.structured(Config)
+    OmegaConf.set_readonly(base, False)
+    return OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.create(text)))  # type: ignore[return-value]
+
+

@@ -1,0 +1,1 @@
+"""Inside the allocation: job environment, rendezvous, preflight, the entry point."""

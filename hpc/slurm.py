@@ -1,0 +1,141 @@
+"""The one seam to SLURM: its commands, its environment (read once, frozen) and nodelist syntax.
+
+Every `sbatch`/`scontrol`/`squeue`/`sacct` call of ours goes through `run()` (argv lists, never a
+shell), so tests and the requeue layer have one place to look. Submission itself goes through
+submitit, which calls sbatch on its own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+SLURM_COMMANDS = ("sbatch", "scontrol", "squeue", "sacct", "scancel", "sinfo", "srun")
+
+
+class SlurmError(RuntimeError):
+    """A SLURM command failed; the message carries its argv and stderr."""
+
+
+def run(argv: Sequence[str], *, timeout_s: float = 60, check: bool = True) -> str:
+    """Run a SLURM client command and return its stdout."""
+    if not argv or argv[0] not in SLURM_COMMANDS:
+        raise ValueError(f"not a SLURM command: {argv!r}")
+    try:
+        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout_s)
+    except FileNotFoundError:
+        raise SlurmError(f"{argv[0]}: not found on PATH (is this a SLURM login node?)") from None
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"{' '.join(argv)}: no answer in {timeout_s:.0f} s") from None
+    if check and proc.returncode != 0:
+        raise SlurmError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def requeue(job_id: str) -> None:
+    run(["scontrol", "requeue", job_id])
+
+
+def job_state(job_id: str) -> str:
+    """The job's state from sacct (needs accounting), e.g. RUNNING, COMPLETED, REQUEUED."""
+    out = run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id])
+    states = [line.split()[0] for line in out.splitlines() if line.strip()]
+    return states[-1] if states else "UNKNOWN"
+
+
+# ---- nodelist syntax: "n[1-3,7],gpu-a[01-02]-ib" -> n1 n2 n3 n7 gpu-a01-ib gpu-a02-ib ----
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ']' in nodelist {text!r}")
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth != 0:
+        raise ValueError(f"unbalanced '[' in nodelist {text!r}")
+    parts.append(text[start:])
+    return [p for p in parts if p]
+
+
+def _expand_range(spec: str) -> list[str]:
+    out = []
+    for item in spec.split(","):
+        lo, sep, hi = item.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"bad range '{item}' in nodelist")
+        if not sep:
+            out.append(lo)
+            continue
+        width = len(lo)  # keep zero padding: 01-03 -> 01 02 03
+        out.extend(str(n).zfill(width) for n in range(int(lo), int(hi) + 1))
+    return out
+
+
+def _expand_one(name: str) -> list[str]:
+    match = re.search(r"\[([^\]]*)\]", name)
+    if not match:
+        return [name]
+    head, tail = name[: match.start()], name[match.end():]
+    return [head + n + rest for n in _expand_range(match.group(1)) for rest in _expand_one(tail)]
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Host names in a SLURM nodelist, in order (what `scontrol show hostnames` prints)."""
+    return [host for part in _split_top_level(nodelist.strip()) for host in _expand_one(part)]
+
+
+# ---- the job's environment, read once ----
+
+@dataclass(frozen=True)
+class SlurmEnv:
+    """What SLURM tells one task of a job (srun step) about itself and the allocation."""
+
+    job_id: str
+    rank: int
+    local_rank: int
+    world_size: int
+    node_rank: int
+    num_nodes: int
+    tasks_per_node: int
+    hostnames: tuple[str, ...]
+    node_name: str
+    restart_count: int
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> SlurmEnv:
+        """Read a task's SLURM variables; a missing one is an error that names it and the fix."""
+        def need(name: str) -> str:
+            if name not in environ:
+                raise SlurmError(
+                    f"{name} is not set: this is not a task of a SLURM job step. "
+                    "HINT: launch each rank with srun (sbatch alone sets only job variables)"
+                )
+            return environ[name]
+
+        nodelist = environ.get("SLURM_STEP_NODELIST") or need("SLURM_JOB_NODELIST")
+        hosts = tuple(expand_nodelist(nodelist))
+        world = int(environ.get("SLURM_STEP_NUM_TASKS") or need("SLURM_NTASKS"))
+        nnodes = int(environ.get("SLURM_STEP_NUM_NODES") or environ.get("SLURM_NNODES") or len(hosts))
+        array = environ.get("SLURM_ARRAY_JOB_ID")
+        return cls(
+            job_id=f"{array}_{environ.get('SLURM_ARRAY_TASK_ID', '0')}" if array else need("SLURM_JOB_ID"),
+            rank=int(need("SLURM_PROCID")),
+            local_rank=int(need("SLURM_LOCALID")),
+            world_size=world,
+            node_rank=int(need("SLURM_NODEID")),
+            num_nodes=nnodes,
+            tasks_per_node=world // max(nnodes, 1),
+            hostnames=hosts,
+            node_name=environ.get("SLURMD_NODENAME") or hosts[int(need("SLURM_NODEID"))],
+            restart_count=int(environ.get("SLURM_RESTART_COUNT", "0") or 0),
+        )

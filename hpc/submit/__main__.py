@@ -1,0 +1,83 @@
+"""`python -m hpc.submit exp=NAME [key=value ...] [--dry-run] [--wait]`: compose, plan, submit."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from hpc.config import ConfigError, available, compose
+from hpc.submit.backend import SubmitError, submit
+from hpc.submit.plan import build_plan
+
+EPILOG = """\
+examples:
+  python -m hpc.submit exp=70b_zero3 nodes=4 --dry-run
+  python -m hpc.submit exp=70b_zero3 nodes=4 train.lr=3e-4 partition=gpu account=proj
+  python -m hpc.submit exp=tiny_cpu cluster=local
+shorthands: nodes gpus_per_node time partition account qos cluster (= slurm.* / preset choice)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hpc.submit", description="Submit a training job to SLURM (or run it locally).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="exp=NAME, preset choices (model= strategy= cluster=) and dotted overrides")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the sbatch script and resolved config; submit nothing")
+    wait = parser.add_mutually_exclusive_group()
+    wait.add_argument("--wait", dest="wait", action="store_true", default=None,
+                      help="wait for the job and print its result (default for cluster=local)")
+    wait.add_argument("--no-wait", dest="wait", action="store_false")
+    parser.add_argument("--list", action="store_true", help="list experiments and presets")
+    return parser
+
+
+def _list() -> str:
+    return "\n".join(f"{group:9} {' '.join(available(group))}"
+                     for group in ("exp", "model", "strategy", "cluster"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.list:
+        print(_list())
+        return 0
+    try:
+        plan = build_plan(compose(args.overrides))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        sys.stdout.write(plan.describe())
+        return 0
+    try:
+        job = submit(plan)
+    except SubmitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    cfg = plan.config
+    print(f"submitted job {job.job_id} ({plan.executor}: {cfg.slurm.nodes} node(s) x "
+          f"{cfg.slurm.gpus_per_node} = {cfg.world_size} ranks, exp={cfg.exp})")
+    print(f"run folder: {plan.run_dir}")
+    print(f"follow the log: tail -f {job.paths.stdout}")
+    wait = args.wait if args.wait is not None else plan.executor == "local"
+    if not wait:
+        return 0
+    sys.stdout.flush()
+    try:
+        result = job.results()[0]  # rank 0's return value
+    except Exception as err:  # submitit re-raises the job's failure with its traceback text
+        print(f"job {job.job_id} failed: {err}", file=sys.stderr)
+        return 1
+    if isinstance(result, dict):
+        print("\n".join(str(result[key]) for key in ("table", "summary") if key in result))
+    else:
+        print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

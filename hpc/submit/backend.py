@@ -1,0 +1,71 @@
+"""Act on a plan: write the run folder and submit through submitit (the only side effects here)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpc.config import Config
+from hpc.submit.plan import Plan
+
+
+@dataclass(frozen=True)
+class Entrypoint:
+    """The callable submitit pickles: resolves the in-allocation entry point by name, in the job.
+
+    Naming it (`module:function`) keeps torch and the launch stage out of the login node's imports.
+    """
+
+    target: str
+    config: Config
+    run_dir: str
+
+    def __call__(self) -> Any:
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)(self.config, self.run_dir)
+
+
+class SubmitError(RuntimeError):
+    """The plan could not be submitted (no scheduler, sbatch refused it, ...)."""
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _executor(plan: Plan) -> Any:
+    import submitit  # imported here: the dry run does not need it
+
+    timeouts = plan.config.requeue.max_requeues
+    if plan.executor == "slurm":
+        if shutil.which("srun") is None or shutil.which("sbatch") is None:
+            raise SubmitError(
+                f"cluster={plan.config.cluster.name} submits with sbatch, which is not on PATH. "
+                "HINT: run on a SLURM login node, or use cluster=local to run on this machine"
+            )
+        executor: Any = submitit.SlurmExecutor(folder=plan.submitit_dir, python=plan.python,
+                                               max_num_timeout=timeouts)
+    else:
+        executor = submitit.LocalExecutor(folder=plan.submitit_dir, python=plan.python,
+                                          max_num_timeout=timeouts)
+    executor.update_parameters(**plan.parameters)
+    return executor
+
+
+def submit(plan: Plan) -> Any:
+    """Write the run folder (resolved config) and submit; returns the submitit Job."""
+    executor = _executor(plan)
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(plan.run_dir / "config.yaml", plan.config_yaml)
+    try:
+        return executor.submit(Entrypoint(plan.entrypoint, plan.config, str(plan.run_dir)))
+    except Exception as err:  # submitit raises several types for a refused sbatch
+        if type(err).__name__ == "FailedSubmissionError" or isinstance(err, OSError):
+            raise SubmitError(f"submission failed: {err}") from err
+        raise

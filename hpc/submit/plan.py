@@ -1,0 +1,134 @@
+"""The submission as a value: executor parameters, setup lines, run folder, resolved config.
+
+`build_plan` is pure (no cluster, no files); `--dry-run` prints the plan and `submit(plan)` acts on
+the very same value, so what is printed is what is submitted.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from submitit.slurm.slurm import _make_sbatch_string  # the function submitit writes scripts with
+
+from hpc.config import Config, to_yaml
+from hpc.submit.render import render_setup
+
+# The in-allocation entry point, named rather than imported: submit stays left of launch.
+ENTRYPOINT = "hpc.launch.job:main"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything `submit` needs, computed up front."""
+
+    config: Config
+    run_dir: Path
+    executor: str
+    """'slurm' or 'local' (submitit executor class)."""
+    parameters: dict[str, Any] = field(hash=False)
+    """Keyword arguments for the executor's update_parameters (its native names)."""
+    python: str = "python3"
+    """Shell command for the interpreter each rank runs."""
+    entrypoint: str = ENTRYPOINT
+
+    @property
+    def submitit_dir(self) -> Path:
+        return self.run_dir / "submitit"
+
+    @property
+    def config_yaml(self) -> str:
+        return to_yaml(self.config)
+
+    @property
+    def command(self) -> str:
+        """What srun starts on every task (submitit's runner unpickles and calls our entry point)."""
+        return f"{self.python} -u -m submitit.core._submit {shlex.quote(str(self.submitit_dir))}"
+
+    def sbatch_script(self) -> str:
+        """The batch script exactly as submitit will write it for this plan."""
+        if self.executor != "slurm":
+            raise ValueError("a local run has no sbatch script")
+        return _make_sbatch_string(command=self.command, folder=self.submitit_dir, **self.parameters)
+
+    def describe(self) -> str:
+        """What --dry-run prints: the script (or the local command) and the resolved config."""
+        cfg = self.config
+        head = (f"# run folder: {self.run_dir}\n# {cfg.slurm.nodes} node(s) x {cfg.slurm.gpus_per_node} "
+                f"rank(s) = world size {cfg.world_size}, executor: {self.executor}\n")
+        if self.executor == "slurm":
+            body = self.sbatch_script()
+        else:
+            setup = "\n".join(self.parameters.get("setup", []))
+            body = (f"# local executor: {cfg.slurm.gpus_per_node} process(es) on this machine\n"
+                    f"{setup}\n{self.command}\n")
+        return f"{head}\n{body}\n# ---- resolved config ----\n{self.config_yaml}"
+
+
+def _slurm_parameters(cfg: Config, setup: list[str]) -> dict[str, Any]:
+    slurm, cluster, requeue = cfg.slurm, cfg.cluster, cfg.requeue
+    extra: dict[str, Any] = {
+        # Always present: requeue on node failure/preemption, output kept across requeues, and the
+        # warning signal to the ranks (no 'B:': the python processes, not the batch shell, act on it).
+        "requeue": True,
+        "signal": f"{requeue.signal}@{requeue.lead_s}",
+    }
+    if slurm.reservation:
+        extra["reservation"] = slurm.reservation
+    extra.update({name: str(value) for name, value in slurm.extra.items()})
+    params: dict[str, Any] = {
+        "job_name": slurm.job_name or cfg.run_name,
+        "time": slurm.time_min,
+        "nodes": slurm.nodes,
+        "ntasks_per_node": slurm.gpus_per_node,  # one rank per GPU
+        "signal_delay_s": requeue.lead_s,
+        "setup": setup,
+        # One dead rank ends the step at once instead of leaving the others hung in a collective.
+        "srun_args": ["--kill-on-bad-exit=1"],
+        "additional_parameters": extra,
+    }
+    if cluster.accelerator == "cuda":
+        params["gpus_per_node"] = slurm.gpus_per_node
+    optional = {
+        "partition": slurm.partition or cluster.partition,
+        "account": slurm.account,
+        "qos": slurm.qos,
+        "constraint": slurm.constraint,
+        "exclude": slurm.exclude,
+        "cpus_per_task": slurm.cpus_per_task or cluster.cpus_per_gpu,
+    }
+    params.update({key: value for key, value in optional.items() if value is not None})
+    mem_gb = slurm.mem_gb or (cluster.mem_per_gpu_gb and cluster.mem_per_gpu_gb * slurm.gpus_per_node)
+    if mem_gb:
+        params["mem"] = f"{int(mem_gb)}GB" if float(mem_gb).is_integer() else f"{int(mem_gb * 1024)}MB"
+    if slurm.exclusive:
+        params["exclusive"] = True
+    return params
+
+
+def _local_parameters(cfg: Config, setup: list[str]) -> dict[str, Any]:
+    return {
+        "timeout_min": cfg.slurm.time_min,
+        "tasks_per_node": cfg.slurm.gpus_per_node,
+        "gpus_per_node": cfg.slurm.gpus_per_node if cfg.cluster.accelerator == "cuda" else 0,
+        "signal_delay_s": cfg.requeue.lead_s,
+        # The local executor joins setup lines with '&&': comments would swallow what follows.
+        "setup": [line for line in setup if not line.lstrip().startswith("#")],
+    }
+
+
+def build_plan(cfg: Config, *, cwd: Path | None = None, python: str | None = None) -> Plan:
+    """The plan for a composed config (pure: reads no cluster and writes no file)."""
+    root = Path(cfg.run.root)
+    if not root.is_absolute():
+        root = (cwd or Path.cwd()) / root
+    run_dir = root / cfg.run_name
+    setup = render_setup(cfg, str(run_dir))
+    executor = cfg.cluster.kind
+    params = _slurm_parameters(cfg, setup) if executor == "slurm" else _local_parameters(cfg, setup)
+    interpreter = cfg.run.python or python or sys.executable
+    return Plan(config=cfg, run_dir=run_dir, executor=executor, parameters=params,
+                python=shlex.quote(interpreter))

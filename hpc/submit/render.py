@@ -1,0 +1,43 @@
+"""Render the job's setup lines from templates/ (Jinja2, every value shell-quoted)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+from pathlib import Path
+
+import jinja2
+
+from hpc.config import Config
+
+
+def templates_dir() -> Path:
+    """The templates/ folder: $HPC_TEMPLATE_DIR, else the one beside the hpc package."""
+    env = os.environ.get("HPC_TEMPLATE_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "templates"
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        undefined=jinja2.StrictUndefined,  # a misspelt variable fails, never renders as ''
+        autoescape=False,  # shell, not HTML: quoting is the `q` filter's job
+        keep_trailing_newline=False,
+    )
+    env.filters["q"] = lambda value: shlex.quote(str(value))
+    # NCCL takes exclusion lists ('^lo,docker'); gloo takes one interface name only.
+    env.tests["plain_ifname"] = lambda name: not any(c in str(name) for c in "^,")
+    return env
+
+
+def render_setup(cfg: Config, run_dir: str, template: str = "setup.sh.j2") -> list[str]:
+    """The setup lines the batch shell runs before srun, for this config and run folder."""
+    context = {
+        "cluster": dataclasses.asdict(cfg.cluster),
+        "nccl": dataclasses.asdict(cfg.cluster.nccl),
+        "requeue": dataclasses.asdict(cfg.requeue),
+        "run_dir": run_dir,
+    }
+    text = _environment().get_template(template).render(**context)
+    return [line for line in text.splitlines() if line.strip()]
