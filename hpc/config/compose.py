@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -62,8 +63,9 @@ def _load_yaml(group: str, name: str, root: Path) -> dict[str, Any]:
         raise unknown_choice(group if group != "exp" else "exp", name, available(group, root))
     try:
         data = OmegaConf.to_container(OmegaConf.load(path))
-    except OmegaConfBaseException as err:  # also wraps YAML syntax errors
-        raise ConfigError(f"{path}: cannot read: {str(err).splitlines()[0]}") from None
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        problem = " ".join(str(err).split())
+        raise ConfigError(f"{path}: cannot read: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -83,10 +85,15 @@ def parse_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def _parse_value(key: str, text: str) -> Any:
-    if key in _LITERAL_KEYS:
-        return text
+    if key in _LITERAL_KEYS or any(ord(c) < 0x20 for c in text):
+        return text  # control characters stay, to be refused by the schema (YAML would fold them)
     # YAML typing for everything else: 3e-4 -> float, true -> bool, [a,b] -> list, null -> None.
-    return OmegaConf.from_dotlist([f"v={text}"])["v"] if text != "" else ""
+    if text == "":
+        return ""
+    try:
+        return OmegaConf.from_dotlist([f"v={text}"])["v"]
+    except (OmegaConfBaseException, yaml.YAMLError):
+        return text  # not YAML: the schema judges the text as typed
 
 
 def _dict_fields(cls: type) -> set[str]:
