@@ -257,7 +257,8 @@ def pid_is(pid: int, binary: str) -> bool:
         argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
     except OSError:
         return False
-    return os.path.basename(argv0.split()[0] if argv0 else "") == binary
+    # daemons may retitle themselves, e.g. "slurmstepd: [123.batch]"
+    return os.path.basename(argv0.split()[0].rstrip(":") if argv0.strip() else "") == binary
 
 
 def pid_has_marker(pid: int, mark: str) -> bool:
@@ -396,7 +397,7 @@ def install(quiet: bool = False) -> None:
 
 def require_root(action: str) -> None:
     if os.geteuid() != 0:
-        raise ClusterError(f"`{action}` must run as root (it starts system daemons)")
+        raise ClusterError(f"`{action}` must run as root (it manages system daemons)")
 
 
 # --------------------------------------------------------------------------- ports & config
@@ -442,7 +443,8 @@ def pick_port(name: str, width: int, taken: set[int], previous: int | None) -> i
     if os.environ.get(env_var):
         port = int(os.environ[env_var])
         if not usable(port):
-            raise ClusterError(f"{env_var}={port}: port(s) {port}-{port + width - 1} are in use")
+            span = f"ports {port}-{port + width - 1} are" if width > 1 else f"port {port} is"
+            raise ClusterError(f"{env_var}={port}: {span} already in use; pick another or unset {env_var}")
         return port
     for start in [p for p in (previous, default) if p] + list(range(default + width, default + 400, width)):
         if usable(start):
@@ -830,9 +832,11 @@ class Row:
 
 
 def hosts_in_namespace(pid: int) -> bool:
-    """Does the slurmd see our hosts file (n1 resolvable inside jobs)?"""
+    """Does the slurmd see our hosts file (n1 resolvable inside jobs)?  Unknown (True) when not root."""
     try:
         text = Path(f"/proc/{pid}/root/etc/hosts").read_text()
+    except PermissionError:
+        return True
     except OSError:
         return False
     return any(line.split()[:1] == ["127.0.0.1"] and "n1" in line.split() for line in text.splitlines())
@@ -847,6 +851,9 @@ def health(paths: Paths) -> list[Row]:
     rows.append(Row("munge", munge_ok, "ok" if munge_ok else "down", owner if munge_ok else "munge -n | unmunge fails"))
     for name in ("mariadbd", "slurmdbd", "slurmctld"):
         pid = running_pid(ds[name])
+        if pid is None and not os.access(ds[name].pidfile, os.R_OK) and ds[name].pidfile.exists():
+            rows.append(Row(name, True, "?", f"cannot read {ds[name].pidfile} (not root)"))
+            continue
         rows.append(Row(name, pid is not None, "running" if pid else "down", f"pid {pid}" if pid else str(ds[name].pidfile)))
     if rows[-1].ok:
         up = ping_up(paths)
@@ -986,6 +993,8 @@ def cmd_down(paths: Paths) -> int:
             if pid:
                 stop_pid(pid, name)
                 stopped.append(name)
+                if name != "munged":  # munged removes its own PID file in /run/munge
+                    ds[name].pidfile.unlink(missing_ok=True)
             if name == "slurmd-" + NODES[-1]:
                 for step in stray_slurmstepds(mark):
                     stop_pid(step, "slurmstepd")
@@ -1022,6 +1031,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `status | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

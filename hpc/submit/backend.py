@@ -60,12 +60,16 @@ def _executor(plan: Plan) -> Any:
 
 def submit(plan: Plan) -> Any:
     """Write the run folder (resolved config) and submit; returns the submitit Job."""
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
     executor = _executor(plan)
+    fresh = not plan.run_dir.exists()
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(plan.run_dir / "config.yaml", plan.config_yaml)
     try:
         return executor.submit(Entrypoint(plan.entrypoint, plan.config, str(plan.run_dir)))
-    except Exception as err:  # submitit raises several types for a refused sbatch
-        if type(err).__name__ == "FailedSubmissionError" or isinstance(err, OSError):
-            raise SubmitError(f"submission failed: {err}") from err
-        raise
+    except (FailedJobError, FailedSubmissionError, OSError) as err:
+        if fresh:  # nothing ran: leave no empty run folder behind
+            shutil.rmtree(plan.run_dir, ignore_errors=True)
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise SubmitError(f"submission failed: {reason}") from None
