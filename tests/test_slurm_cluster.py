@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc.config import compose
+from hpc.config import compose, from_yaml
 from hpc.submit.plan import build_plan
 
 pytestmark = pytest.mark.slurm
@@ -84,7 +84,6 @@ def test_tiny_cpu_runs_on_two_nodes_and_the_preflight_spans_them(
     # What was submitted is byte for byte what --dry-run prints for the same config.
     submitted = (tmp_path / "two" / "submitit" / f"{job_id}_submission.sh").read_text()
     saved = (tmp_path / "two" / "config.yaml").read_text()
-    from hpc.config import from_yaml
     assert submitted == build_plan(from_yaml(saved), cwd=ROOT, python=sys.executable).sbatch_script()
 
 
