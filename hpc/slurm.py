@@ -20,12 +20,14 @@ class SlurmError(RuntimeError):
     """A SLURM command failed; the message carries its argv and stderr."""
 
 
-def run(argv: Sequence[str], *, timeout_s: float = 60, check: bool = True) -> str:
-    """Run a SLURM client command and return its stdout."""
+def run(argv: Sequence[str], *, timeout_s: float = 60, check: bool = True,
+        env: Mapping[str, str] | None = None) -> str:
+    """Run a SLURM client command and return its stdout (env: e.g. another SLURM_CONF)."""
     if not argv or argv[0] not in SLURM_COMMANDS:
         raise ValueError(f"not a SLURM command: {argv!r}")
     try:
-        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout_s,
+                              env=None if env is None else dict(env))
     except FileNotFoundError:
         raise SlurmError(f"{argv[0]}: not found on PATH (is this a SLURM login node?)") from None
     except subprocess.TimeoutExpired:
@@ -39,9 +41,9 @@ def requeue(job_id: str) -> None:
     run(["scontrol", "requeue", job_id])
 
 
-def job_state(job_id: str) -> str:
+def job_state(job_id: str, env: Mapping[str, str] | None = None) -> str:
     """The job's state from sacct (needs accounting), e.g. RUNNING, COMPLETED, REQUEUED."""
-    out = run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id])
+    out = run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id], env=env)
     states = [line.split()[0] for line in out.splitlines() if line.strip()]
     return states[-1] if states else "UNKNOWN"
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from hpc import slurm
 from hpc.config import compose, from_yaml
 from hpc.submit.plan import build_plan
 
@@ -54,9 +55,7 @@ def _wait_done(job_id: str, env: dict[str, str], timeout_s: float = 180) -> str:
     deadline = time.monotonic() + timeout_s
     state = "UNKNOWN"
     while time.monotonic() < deadline:
-        out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id],
-                             capture_output=True, text=True, env=env).stdout.split()
-        state = out[-1] if out else "UNKNOWN"
+        state = slurm.job_state(job_id, env=env)
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return state
         time.sleep(1)
