@@ -15,6 +15,7 @@ from hpc.config.errors import (
     require_slurm_name,
 )
 
+
 @dataclass(frozen=True)
 class NcclConfig:
     """NCCL environment exported in the sbatch script (from the cluster preset)."""

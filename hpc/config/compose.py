@@ -60,7 +60,7 @@ def available(group: str, root: Path | None = None) -> list[str]:
 def _load_yaml(group: str, name: str, root: Path) -> dict[str, Any]:
     path = root / group / f"{name}.yaml"
     if not path.is_file():
-        raise unknown_choice(group if group != "exp" else "exp", name, available(group, root))
+        raise unknown_choice(group, name, available(group, root))
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
