@@ -83,6 +83,8 @@ class StrategyConfig:
     """With activation_checkpointing=every_k: checkpoint every k-th block."""
     mixed_precision: str = "fp32"
     """Compute dtype: fp32 | bf16 | fp16 (fp16 uses loss scaling)."""
+    hsdp_shard_size: int | None = None
+    """hybrid_shard: ranks per shard group (default: gpus_per_node, i.e. shard within a node)."""
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """Extra DeepSpeed config keys, merged over the generated JSON (deepspeed only)."""
 
@@ -103,13 +105,28 @@ class StrategyConfig:
             require(self.zero_stage == 0,
                     f"strategy.zero_stage={self.zero_stage} is a DeepSpeed setting; "
                     f"strategy.name={self.name} shards with its own engine (set strategy=zero3 or similar)")
-            require(self.offload_optimizer == "none" and self.offload_params == "none",
-                    f"strategy.offload_*: offload is a DeepSpeed setting; strategy.name={self.name} "
-                    "cannot offload here (use strategy=zero3_offload)")
             require(not self.deepspeed,
                     f"strategy.deepspeed: extra DeepSpeed keys need strategy.name=deepspeed, "
                     f"not {self.name}")
-        if self.offload_params != "none":
+        if self.name == "ddp":
+            require(self.offload_optimizer == "none" and self.offload_params == "none",
+                    "strategy.offload_*: DDP keeps a full replica on the GPU and cannot offload; "
+                    "use strategy=zero3_offload, or strategy=fsdp_full_shard with strategy.offload_params=cpu")
+        if self.name == "fsdp":
+            require(self.offload_optimizer == "none",
+                    "strategy.offload_optimizer: FSDP offloads the optimizer step together with the "
+                    "parameters; set strategy.offload_params=cpu instead")
+            require(self.offload_params in ("none", "cpu"),
+                    f"strategy.offload_params={self.offload_params}: FSDP offloads to cpu only "
+                    "(NVMe offload is DeepSpeed ZeRO-3: strategy=zero3_offload)")
+            require(self.mixed_precision != "fp16",
+                    "strategy.mixed_precision=fp16: FSDP2 here has no sharded loss scaler; use bf16 "
+                    "(or strategy.name=ddp / deepspeed for fp16)")
+        if self.hsdp_shard_size is not None:
+            require(self.name == "fsdp" and self.sharding == "hybrid_shard",
+                    "strategy.hsdp_shard_size: only used with strategy.sharding=hybrid_shard")
+            require_positive("strategy.hsdp_shard_size", self.hsdp_shard_size)
+        if self.name == "deepspeed" and self.offload_params != "none":
             require(self.zero_stage == 3,
                     f"strategy.offload_params={self.offload_params}: parameter offload needs "
                     f"ZeRO stage 3 (got {self.zero_stage})")
@@ -162,6 +179,30 @@ class TrainConfig:
             require(0 <= value < 1, f"train.{key}={value}: must be in [0, 1)")
 
 
+DATA_SOURCES = ("synthetic", "tokens")
+TOKEN_DTYPES = ("auto", "uint16", "uint32")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training tokens come from."""
+
+    source: str = "synthetic"
+    """synthetic (a seeded, learnable token stream; no files) | tokens (a binary token file)."""
+    path: str | None = None
+    """Token file for source=tokens: a flat array of token ids (see tools/make_tokens.py)."""
+    dtype: str = "auto"
+    """Token id type in the file: uint16 | uint32 | auto (read from the file's .json sidecar)."""
+
+    def __post_init__(self) -> None:
+        require_choice("data.source", self.source, DATA_SOURCES)
+        require_choice("data.dtype", self.dtype, TOKEN_DTYPES)
+        require_single_line("data.path", self.path)
+        if self.source == "tokens":
+            require(bool(self.path), "data.path: source=tokens needs a token file, e.g. "
+                    "data.path=/datasets/web.bin (write one with tools/make_tokens.py)")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Where a run's files go."""
@@ -189,6 +230,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     requeue: RequeueConfig = field(default_factory=RequeueConfig)
@@ -210,6 +252,20 @@ class Config:
                     "(gpus_per_node sets the number of processes) or cluster=slurm")
         require(self.train.seq_len <= self.model.max_seq_len,
                 f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        strategy = self.strategy
+        if cluster.accelerator == "cpu":
+            require(not (strategy.name == "fsdp" and strategy.offload_params != "none"),
+                    f"strategy.offload_params={strategy.offload_params}: FSDP CPU offload moves "
+                    f"parameters between GPU and host; cluster '{cluster.name}' has no accelerator "
+                    "(use strategy.offload_params=none here)")
+            require(strategy.mixed_precision != "fp16",
+                    f"strategy.mixed_precision=fp16: fp16 with loss scaling needs a GPU; cluster "
+                    f"'{cluster.name}' runs on cpu (use bf16 or fp32)")
+        if strategy.name == "fsdp" and strategy.sharding == "hybrid_shard":
+            shard = strategy.hsdp_shard_size or slurm.gpus_per_node
+            require(self.world_size % shard == 0,
+                    f"strategy.hsdp_shard_size={shard} must divide the world size {self.world_size} "
+                    f"(nodes={slurm.nodes} x gpus_per_node={slurm.gpus_per_node})")
         require(self.requeue.lead_s < slurm.time_min * 60,
                 f"requeue.lead_s={self.requeue.lead_s} is not shorter than time={slurm.time}; "
                 "the warning would come before the job starts")
