@@ -1,15 +1,18 @@
 """The job's entry point inside the allocation: one call per rank (started by srun or submitit).
 
-Order: who am I -> where do we meet -> join the process group -> preflight -> work -> leave.
-Until the trainer lands, the preflight is the job.
+Order: who am I -> check what can be checked alone -> where do we meet -> join the process group
+-> preflight -> train -> leave.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from hpc.config import Config
@@ -39,9 +42,19 @@ def main(cfg: Config, run_dir: str) -> dict[str, Any]:
     if env.rank == 0:
         log.info("job %s (%s), run %s, restart %d, world %d on %d node(s)", env.job_id, env.launcher,
                  run_dir, env.restart_count, env.world_size, env.num_nodes)
+    if cfg.strategy.name == "deepspeed":
+        # Again here, not only at submit: the job's environment may have another DeepSpeed. Before
+        # the process group, so a bad key costs seconds, not a rendezvous timeout on other ranks.
+        from hpc.config.deepspeed import build_deepspeed_config, validate_deepspeed_config
+
+        validate_deepspeed_config(build_deepspeed_config(cfg))
+    local_world = max(env.world_size // env.num_nodes, 1)
+    if cfg.cluster.accelerator == "cpu":
+        # Ranks sharing a CPU would each start one thread per core and fight over them.
+        torch.set_num_threads(max(len(os.sched_getaffinity(0)) // local_world, 1))
     cuda = torch.cuda.device_count() if cfg.cluster.accelerator == "cuda" else 0
     rdzv = plan_rendezvous(env, cfg, cuda_devices=cuda)
-    os.environ.update(rdzv.environ(local_world_size=max(env.world_size // env.num_nodes, 1)))
+    os.environ.update(rdzv.environ(local_world_size=local_world))
     init_process_group(rdzv, rendezvous_timeout_s=cfg.launch.init_timeout_s,
                        collective_timeout_s=cfg.cluster.nccl.timeout_s)
     try:
@@ -50,7 +63,49 @@ def main(cfg: Config, run_dir: str) -> dict[str, Any]:
             if "table" in result:
                 log.info("preflight at %s:%d\n%s", rdzv.master_addr, rdzv.master_port, result["table"])
             log.info(result["summary"])
+        result["preflight"] = result.pop("summary")
+        result.update(_train(cfg, env, rdzv, local_world, Path(run_dir)))
     finally:
         shutdown_process_group()
     result["seconds"] = time.perf_counter() - started
+    if env.launcher != "single":  # a job process, not a library call inside someone's program
+        _exit_without_teardown_after_success()
     return result
+
+
+def _train(cfg: Config, env: JobEnv, rdzv: Any, local_world: int, run_dir: Path) -> dict[str, Any]:
+    import torch
+
+    from hpc.train.loop import train
+    from hpc.train.strategies import World
+
+    world = World(rank=rdzv.rank, world_size=rdzv.world_size, local_rank=rdzv.local_rank,
+                  local_world_size=local_world, device=torch.device(rdzv.device))
+    stop = threading.Event()  # set by the requeue layer's signal handling
+    outcome = train(cfg, world, run_dir=run_dir, stop=stop)
+    summary = outcome.summary
+    losses = outcome.losses
+    line = (f"{cfg.strategy.name}: {outcome.steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+            if losses else f"{cfg.strategy.name}: no steps to run")
+    if "tokens_per_s" in summary:
+        line += (f", {summary['tokens_per_s']:,.0f} tok/s, {summary['step_time_s'] * 1e3:.1f} ms/step, "
+                 f"peak {summary['peak_mem_gb']:.2f} GB")
+    if env.rank == 0:
+        log.info(line)
+    return {"summary": line, "steps": outcome.steps, "losses": losses, "train": summary,
+            "stopped_early": outcome.stopped_early}
+
+
+def _exit_without_teardown_after_success() -> None:
+    """gloo's threads can abort the interpreter's final teardown (`terminate called without an
+    active exception`, ~3% of runs) after all work is done; SLURM would then count a finished job
+    as failed. Once this rank returned successfully and its caller (submitit) has written the
+    result, skip that teardown: flush and leave with status 0 from an exit handler."""
+
+    def leave() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(0)
+
+    atexit.register(leave)

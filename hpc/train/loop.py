@@ -1,0 +1,97 @@
+"""The training loop. It knows the config, its place in the world and a stop event; nothing of SLURM.
+
+    for each step:  take this rank's micro-batches -> set the lr -> forward/backward each
+                    (gradients reduced on the last only) -> clip + optimizer step
+                    -> one small all-reduce: the global loss, and whether any rank wants to stop
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hpc.config import Config
+from hpc.train.data import GlobalBatches, open_source
+from hpc.train.metrics import Meter, MetricsLog, StepMetrics
+from hpc.train.optim import lr_at, set_lr
+from hpc.train.strategies import Engine, World, build_engine
+
+log = logging.getLogger("hpc")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    """Optimizer steps completed (in total, across restarts)."""
+    stopped_early: bool
+    """The stop event ended the run before max_steps."""
+    losses: list[float] = field(default_factory=list)
+    """Global mean loss of every step this run."""
+    records: list[StepMetrics] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+
+def _agree(loss: torch.Tensor, want_stop: bool, world_size: int) -> tuple[float, bool]:
+    """Global mean loss and 'does any rank want to stop', in one all-reduce."""
+    packed = torch.stack([loss.float().cpu(), torch.tensor(float(want_stop))])
+    if world_size > 1:
+        # gloo reduces CPU tensors; NCCL needs them on the GPU.
+        device = loss.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        packed = packed.to(device)
+        dist.all_reduce(packed)
+        packed = packed.cpu()
+    return float(packed[0]) / world_size, bool(packed[1] > 0)
+
+
+def train(cfg: Config, world: World, *, run_dir: Path | None = None,
+          stop: threading.Event | None = None, engine: Engine | None = None,
+          sharded_init: bool | None = None) -> TrainResult:
+    """Train from step 0 to cfg.train.max_steps, or until any rank's stop event is set."""
+    engine = engine or build_engine(cfg, world, sharded_init=sharded_init)
+    train_cfg = cfg.train
+    source = open_source(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=train_cfg.seq_len,
+                         seed=train_cfg.seed)
+    batches = GlobalBatches(source, seed=train_cfg.seed, micro_batch_size=train_cfg.micro_batch_size,
+                            grad_accum=train_cfg.grad_accum, dp_rank=world.rank, dp_size=world.world_size)
+    meter = Meter(cfg, world.world_size, world.device)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl" if run_dir is not None and world.rank == 0 else None)
+    result = TrainResult(steps=0, stopped_early=False)
+    if world.rank == 0:
+        log.info("%s: %.1f M parameters, %.1f MB on this rank; global batch %d x %d tokens",
+                 engine.name, sum(p.numel() for p in engine.module.parameters()) / 1e6,
+                 engine.local_param_bytes() / 1e6, batches.global_batch_size, train_cfg.seq_len)
+
+    step = 0
+    while step < train_cfg.max_steps:
+        started = time.perf_counter()
+        micro_batches = batches.next_step()
+        lr = lr_at(step, train_cfg)
+        set_lr(engine.optimizer, lr)
+        loss_sum = torch.zeros((), device=world.device)
+        for i, (inputs, targets) in enumerate(micro_batches):
+            inputs, targets = inputs.to(world.device, non_blocking=True), targets.to(world.device, non_blocking=True)
+            loss_sum += engine.forward_backward(inputs, targets, sync=i == len(micro_batches) - 1)
+        grad_norm = engine.step()
+        loss, stop_now = _agree(loss_sum / len(micro_batches), stop is not None and stop.is_set(),
+                                world.world_size)
+        step += 1
+        meter.add(time.perf_counter() - started)
+        result.losses.append(loss)
+        if step % train_cfg.log_every == 0 or step == train_cfg.max_steps or stop_now:
+            record = meter.record(step, loss, lr, grad_norm, batches.consumed_samples)
+            result.records.append(record)
+            if world.rank == 0:
+                metrics_log.write(record)
+                log.info(record.line(train_cfg.max_steps))
+        if stop_now:
+            result.stopped_early = step < train_cfg.max_steps
+            break
+    result.steps = step
+    result.summary = meter.summary()
+    return result

@@ -1,0 +1,100 @@
+"""FSDP2 (`fully_shard`): each transformer block is one unit of sharding, then the root.
+
+Sharding modes map onto FSDP2 as
+  full_shard     1-D mesh over all ranks; parameters re-sharded after forward (ZeRO-3-like)
+  shard_grad_op  same mesh, parameters kept gathered from forward to backward (ZeRO-2-like)
+  hybrid_shard   2-D mesh (replicate, shard): shard within a group of `hsdp_shard_size` ranks
+                 (default: a node), replicate across groups
+  no_shard       2-D mesh (world, 1): every rank a full replica, gradients all-reduced (DDP-like)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from hpc.config import Config
+from hpc.train.model import Transformer, materialize
+from hpc.train.optim import build_optimizer
+from hpc.train.strategies.base import (
+    DTYPES,
+    Engine,
+    World,
+    build_full_model,
+    build_meta_model,
+    compute_loss,
+    grad_norm_value,
+    wants_sharded_init,
+)
+
+
+def mesh_shape(cfg: Config, world_size: int, local_world_size: int) -> tuple[int, ...]:
+    sharding = cfg.strategy.sharding
+    if sharding == "no_shard":
+        return (world_size, 1)
+    if sharding == "hybrid_shard":
+        shard = cfg.strategy.hsdp_shard_size or local_world_size
+        if world_size % shard:
+            raise ValueError(f"strategy.hsdp_shard_size={shard} must divide the world size {world_size}")
+        return (world_size // shard, shard)
+    return (world_size,)
+
+
+def build_mesh(cfg: Config, world: World) -> DeviceMesh:
+    shape = mesh_shape(cfg, world.world_size, world.local_world_size)
+    names = ("replicate", "shard") if len(shape) == 2 else ("shard",)
+    return init_device_mesh(world.device.type, shape, mesh_dim_names=names)
+
+
+def shard_model(model: Transformer, cfg: Config, mesh: DeviceMesh) -> None:
+    """fully_shard every block, then the root (embeddings, final norm, output)."""
+    strategy = cfg.strategy
+    if strategy.mixed_precision == "bf16":
+        # Compute in bf16, reduce gradients in fp32: bf16 sums over many ranks lose too much.
+        mp = MixedPrecisionPolicy(param_dtype=DTYPES["bf16"], reduce_dtype=torch.float32)
+    else:
+        mp = MixedPrecisionPolicy()
+    offload = CPUOffloadPolicy() if strategy.offload_params == "cpu" else OffloadPolicy()
+    reshard = strategy.sharding != "shard_grad_op"
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
+    # The root's parameters are needed first in backward (output layer): keep them gathered.
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp, offload_policy=offload)
+
+
+class FSDPEngine(Engine):
+    name = "fsdp"
+
+    def __init__(self, cfg: Config, world: World, *, sharded_init: bool | None = None) -> None:
+        self.cfg, self.world = cfg, world
+        self.mesh = build_mesh(cfg, world)
+        if wants_sharded_init(cfg, sharded_init):
+            self.module = build_meta_model(cfg)
+            shard_model(self.module, cfg, self.mesh)
+            # Each shard is drawn from its own stream, but replicas of a shard (HSDP's replicate
+            # dimension) must draw the same numbers, so the offset is the rank within the shard group.
+            shard_rank = self.mesh["shard"].get_local_rank()
+            device = "cpu" if cfg.strategy.offload_params == "cpu" else world.device
+            materialize(self.module, device, cfg.train.seed, rank_offset=shard_rank)
+        else:
+            self.module = build_full_model(cfg, world.device)
+            shard_model(self.module, cfg, self.mesh)
+        self.model = self.module
+        self.optimizer = build_optimizer(self.module, cfg.train)
+        self.accum = cfg.train.grad_accum
+
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, *, sync: bool) -> torch.Tensor:
+        # Without sync FSDP2 keeps unsharded gradients locally and skips reduce-scatter/all-reduce.
+        self.module.set_requires_gradient_sync(sync)
+        loss = compute_loss(self.model, inputs, targets)
+        (loss / self.accum).backward()
+        return loss.detach()
+
+    def step(self) -> float:
+        clip = self.cfg.train.grad_clip or float("inf")
+        # On DTensor gradients the norm is reduced over the whole mesh: a true global norm.
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm_value(norm)
