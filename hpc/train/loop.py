@@ -33,6 +33,8 @@ class TrainResult:
     """The stop event ended the run before max_steps."""
     losses: list[float] = field(default_factory=list)
     """Global mean loss of every step this run."""
+    step_times: list[float] = field(default_factory=list)
+    """Seconds of every step this run."""
     records: list[StepMetrics] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
 
@@ -94,4 +96,5 @@ def train(cfg: Config, world: World, *, run_dir: Path | None = None,
             break
     result.steps = step
     result.summary = meter.summary()
+    result.step_times = meter.step_times
     return result
