@@ -133,10 +133,10 @@ def plain_ddp_loop(cfg: Any, world: Any) -> dict[str, Any]:
     from hpc.train.model import Transformer, loss_fn
     from hpc.train.optim import build_optimizer, lr_at, set_lr
 
-    torch.manual_seed(cfg.train.seed)
     with world.device:
         model = Transformer(cfg.model)
-        model.init_weights()
+    torch.manual_seed(cfg.train.seed)
+    model.init_weights()
     ddp = DistributedDataParallel(model, device_ids=[world.device.index] if world.is_cuda else None)
     optimizer = build_optimizer(model, cfg.train)
     t = cfg.train
@@ -157,8 +157,11 @@ def plain_ddp_loop(cfg: Any, world: Any) -> dict[str, Any]:
         dist.all_reduce(reported)
         losses.append(float(reported) / world.world_size)
         times.append(time.perf_counter() - started)
+    from hpc.train.metrics import peak_memory_bytes
+
     return {"losses": losses, "step_times": times,
-            "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+            "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "summary": {"peak_mem_gb": peak_memory_bytes(world.device) / 2**30}}
 
 
 # ---- the command ----------------------------------------------------------------------------------

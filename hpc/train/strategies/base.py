@@ -82,11 +82,13 @@ def wants_sharded_init(cfg: Config, sharded_init: bool | None) -> bool:
 
 def build_full_model(cfg: Config, device: torch.device) -> Transformer:
     """The whole model on `device`, filled from the seed: identical on every rank."""
+    with device:
+        model = Transformer(cfg.model)
+    # Seed after construction, so the numbers drawn do not depend on what the constructors drew
+    # (DeepSpeed's partitioned ZeRO-3 build draws the same sequence and gets the same weights).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        with device:
-            model = Transformer(cfg.model)
-            model.init_weights()
+        model.init_weights()
     model.set_activation_checkpointing(cfg.strategy.activation_checkpointing, cfg.strategy.ac_every_k)
     return model
 
