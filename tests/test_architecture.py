@@ -6,13 +6,18 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hpc"
-# Left to right. `slurm` is the seam the in-allocation stages read the environment through.
-ORDER = ["config", "submit", "slurm", "launch", "train", "checkpoint", "requeue"]
+# Left to right. `slurm` is the seam the in-allocation stages read the environment through;
+# `job` (hpc/job.py, the entry point a job runs) composes all the in-allocation stages.
+ORDER = ["config", "submit", "slurm", "launch", "train", "checkpoint", "requeue", "job"]
 
 
 def _stage(module: str) -> str | None:
     parts = module.split(".")
     return parts[1] if len(parts) > 1 and parts[0] == "hpc" and parts[1] in ORDER else None
+
+
+def test_the_job_entry_point_is_the_last_stage() -> None:
+    assert _stage("hpc.job") == "job" and (PACKAGE / "job.py").is_file()
 
 
 def _imports(path: Path) -> set[str]:

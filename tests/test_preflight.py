@@ -14,7 +14,7 @@ pytestmark = pytest.mark.dist
 RANK_SCRIPT = """
 import sys
 from hpc.config import compose
-from hpc.launch.job import main
+from hpc.job import main
 cfg = compose(sys.argv[1:], which=lambda n: None, environ={})
 print("RESULT", main(cfg, "unused")["summary"])
 """

@@ -16,6 +16,7 @@ import pytest
 from hpc import slurm
 from hpc.config import compose, from_yaml
 from hpc.submit.plan import build_plan
+from test_train_job import STRATEGIES, check_trained
 
 pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +85,18 @@ def test_tiny_cpu_runs_on_two_nodes_and_the_preflight_spans_them(
     submitted = (tmp_path / "two" / "submitit" / f"{job_id}_submission.sh").read_text()
     saved = (tmp_path / "two" / "config.yaml").read_text()
     assert submitted == build_plan(from_yaml(saved), cwd=ROOT, python=sys.executable).sbatch_script()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_two_node_job_trains_with_each_strategy(cluster_env: dict[str, str], tmp_path: Path, strategy: str,
+                                                torch_extensions_dir: Path) -> None:
+    env = {**cluster_env, "TORCH_EXTENSIONS_DIR": str(torch_extensions_dir)}
+    proc = _submit(env, "exp=tiny_cpu", "nodes=2", f"strategy={strategy}", f"run.root={tmp_path}",
+                   "run.name=job", "--wait")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "preflight ok: 4 rank(s) on 2 node(s)" in proc.stdout
+    check_trained(proc.stdout, tmp_path / "job", world=4)
+    assert _wait_done(_job_id(proc.stdout), cluster_env) == "COMPLETED"
 
 
 def test_hostile_job_name_reaches_slurm_verbatim_and_runs_nothing(

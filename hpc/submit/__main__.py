@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
 from hpc.config import ConfigError, available, compose
+from hpc.config.deepspeed import check_at_submit
 from hpc.submit.backend import SubmitError, submit
 from hpc.submit.plan import build_plan
 
@@ -47,11 +49,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         plan = build_plan(compose(args.overrides))
+        # DeepSpeed's own parser, in the job's python (a subprocess: no torch here), before anything
+        # is written or queued.
+        ds_config = check_at_submit(plan.config, plan.python)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.dry_run:
         sys.stdout.write(plan.describe())
+        if ds_config is not None:
+            sys.stdout.write("\n# ---- DeepSpeed config (checked by DeepSpeed's parser) ----\n"
+                             f"{json.dumps(ds_config, indent=2)}\n")
         return 0
     try:
         job = submit(plan)
@@ -73,7 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"job {job.job_id} failed: {err}", file=sys.stderr)
         return 1
     if isinstance(result, dict):
-        print("\n".join(str(result[key]) for key in ("table", "summary") if key in result))
+        print("\n".join(str(result[key]) for key in ("table", "preflight", "summary") if key in result))
+        if "train" in result:
+            print(f"metrics: {plan.run_dir / 'metrics.jsonl'}")
     else:
         print(result)
     return 0

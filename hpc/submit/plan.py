@@ -18,7 +18,7 @@ from hpc.config import Config, to_yaml
 from hpc.submit.render import render_setup
 
 # The in-allocation entry point, named rather than imported: submit stays left of launch.
-ENTRYPOINT = "hpc.launch.job:main"
+ENTRYPOINT = "hpc.job:main"
 
 
 @dataclass(frozen=True)
