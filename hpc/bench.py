@@ -12,6 +12,7 @@ else), the yardstick for our own DDP engine's overhead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -109,6 +110,8 @@ def _worker(spec: Path, out: Path) -> None:
             param_bytes = engine.local_param_bytes()
             outcome = train(cfg, world, engine=engine)
             engine.close()
+            del engine
+            _release_memory(world)
             results[label] = {"losses": outcome.losses, "param_bytes": param_bytes,
                               "step_times": outcome.step_times,
                               "summary": outcome.summary}
@@ -119,6 +122,18 @@ def _worker(spec: Path, out: Path) -> None:
     dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)  # skip interpreter teardown: gloo can abort there after all work is done
+
+
+def _release_memory(world: Any) -> None:
+    """Free one case's engine before the next is built, so peaks are per case."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if world.is_cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(world.device)
 
 
 # ---- the yardstick --------------------------------------------------------------------------------
@@ -141,19 +156,23 @@ def plain_ddp_loop(cfg: Any, world: Any) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg.train)
     t = cfg.train
     batches = GlobalBatches(open_source(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=t.seq_len, seed=t.seed),
-                            seed=t.seed, micro_batch_size=t.micro_batch_size, grad_accum=1,
+                            seed=t.seed, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
                             dp_rank=world.rank, dp_size=world.world_size)
     losses, times = [], []
     for step in range(t.max_steps):
         started = time.perf_counter()
-        (inputs, targets), = batches.next_step()
         set_lr(optimizer, lr_at(step, t))
-        loss = loss_fn(ddp(inputs.to(world.device)), targets.to(world.device))
-        loss.backward()
+        reported = torch.zeros((), device=world.device)
+        micro_batches = batches.next_step()
+        for i, (inputs, targets) in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else ddp.no_sync():
+                loss = loss_fn(ddp(inputs.to(world.device)), targets.to(world.device))
+                (loss / len(micro_batches)).backward()
+            reported += loss.detach() / len(micro_batches)
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        reported = loss.detach().clone()
         dist.all_reduce(reported)
         losses.append(float(reported) / world.world_size)
         times.append(time.perf_counter() - started)

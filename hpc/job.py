@@ -45,7 +45,8 @@ def main(cfg: Config, run_dir: str) -> dict[str, Any]:
     if cfg.strategy.name == "deepspeed":
         # Again here, not only at submit: the job's environment may have another DeepSpeed. Before
         # the process group, so a bad key costs seconds, not a rendezvous timeout on other ranks.
-        from hpc.config.deepspeed import build_deepspeed_config, validate_deepspeed_config
+        from hpc.config.deepspeed import build_deepspeed_config
+        from hpc.config.deepspeed_check import validate_deepspeed_config
 
         validate_deepspeed_config(build_deepspeed_config(cfg))
     local_world = max(env.world_size // env.num_nodes, 1)
@@ -65,8 +66,12 @@ def main(cfg: Config, run_dir: str) -> dict[str, Any]:
             log.info(result["summary"])
         result["preflight"] = result.pop("summary")
         result.update(_train(cfg, env, rdzv, local_world, Path(run_dir)))
-    finally:
-        shutdown_process_group()
+    except BaseException:
+        # No barrier: the other ranks are stuck in some other collective, and a barrier here
+        # would hang until the collective timeout and then bury this error under its own.
+        shutdown_process_group(barrier=False)
+        raise
+    shutdown_process_group()
     result["seconds"] = time.perf_counter() - started
     if env.launcher != "single":  # a job process, not a library call inside someone's program
         _exit_without_teardown_after_success()
@@ -100,12 +105,20 @@ def _exit_without_teardown_after_success() -> None:
     """gloo's threads can abort the interpreter's final teardown (`terminate called without an
     active exception`, ~3% of runs) after all work is done; SLURM would then count a finished job
     as failed. Once this rank returned successfully and its caller (submitit) has written the
-    result, skip that teardown: flush and leave with status 0 from an exit handler."""
+    result, skip that teardown: flush and leave from an exit handler, with status 1 if anything
+    after us died of an uncaught exception (submitit failing to write the result), else 0."""
+    failed = []
+    previous_hook = sys.excepthook
+
+    def note_failure(*exc_info: Any) -> None:
+        failed.append(exc_info[0])
+        previous_hook(*exc_info)
 
     def leave() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
-        os._exit(0)
+        os._exit(1 if failed else 0)
 
+    sys.excepthook = note_failure
     atexit.register(leave)

@@ -19,11 +19,10 @@ from typing import Any
 import pytest
 
 from hpc.config import Config, ConfigError, compose
-from hpc.config.deepspeed import (
+from hpc.config.deepspeed import build_deepspeed_config, coerce
+from hpc.config.deepspeed_check import (
     ALSO_READ,
-    build_deepspeed_config,
     check_at_submit,
-    coerce,
     deepspeed_top_level_keys,
     validate_deepspeed_config,
 )
@@ -256,7 +255,7 @@ def test_check_runs_the_jobs_python_on_the_json() -> None:
     ds = check_at_submit(cfg, "/opt/env/bin/python", run=fake)
     assert ds == build_deepspeed_config(cfg)
     (argv, kwargs), = fake.calls
-    assert argv == ["/opt/env/bin/python", "-m", "hpc.config.deepspeed"]
+    assert argv == ["/opt/env/bin/python", "-m", "hpc.config.deepspeed_check"]
     assert json.loads(kwargs["input"]) == ds
     assert kwargs["timeout"] > 0 and kwargs["cwd"] == str(ROOT)
     assert kwargs["env"]["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)
@@ -329,7 +328,7 @@ def test_check_says_so_when_the_jobs_python_has_no_deepspeed(tmp_path: Path,
 
 def test_module_entry_reads_json_on_stdin() -> None:
     def entry(text: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "hpc.config.deepspeed"], input=text, cwd=ROOT,
+        return subprocess.run([sys.executable, "-m", "hpc.config.deepspeed_check"], input=text, cwd=ROOT,
                               capture_output=True, text=True, timeout=300,
                               env={**os.environ, "DS_ACCELERATOR": "cpu"})
 

@@ -7,7 +7,6 @@ gradient accumulation (4 micro-batches of 1 = one batch of 4) and activation che
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

@@ -15,8 +15,8 @@ RANK_SCRIPT = """
 import sys
 from hpc.config import compose
 from hpc.job import main
-cfg = compose(sys.argv[1:], which=lambda n: None, environ={})
-print("RESULT", main(cfg, "unused")["summary"])
+cfg = compose(sys.argv[2:], which=lambda n: None, environ={})
+print("RESULT", main(cfg, sys.argv[1])["preflight"])
 """
 
 
@@ -26,7 +26,8 @@ def _run_ranks(tmp_path: Path, per_rank_args: list[list[str]], job_id: str) -> l
         env = dict(os.environ, SUBMITIT_LOCAL_JOB_ID=job_id, SUBMITIT_LOCAL_GLOBALID=str(rank),
                    SUBMITIT_LOCAL_LOCALID=str(rank), SUBMITIT_LOCAL_NTASKS=str(len(per_rank_args)),
                    TMPDIR=str(tmp_path))
-        argv = [sys.executable, "-c", RANK_SCRIPT, "exp=tiny_cpu", "cluster=local",
+        argv = [sys.executable, "-c", RANK_SCRIPT, str(tmp_path / "run"), "exp=tiny_cpu", "cluster=local",
+                "train.max_steps=2",
                 f"cluster.scratch_dir={tmp_path}/scratch/{{node}}", "launch.init_timeout_s=60", *args]
         procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))

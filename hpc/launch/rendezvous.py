@@ -108,6 +108,9 @@ def plan_rendezvous(env: JobEnv, cfg: Config, *, cuda_devices: int = 0,
                 f"cluster.accelerator=cuda but this process sees {cuda_devices} GPU(s). "
                 "HINT: request GPUs (gpus_per_node) or use a cluster preset with accelerator: cpu")
         backend, device = "nccl", f"cuda:{env.local_rank}"
+        if cfg.strategy.name == "fsdp" and cfg.strategy.offload_params == "cpu":
+            # Offloaded gradients are CPU tensors: clipping reduces their norm over a CPU group.
+            backend = "cuda:nccl,cpu:gloo"
     else:
         backend, device = "gloo", "cpu"
     return Rendezvous(env.rank, env.local_rank, env.world_size, addr, host, port, backend, device)
@@ -140,12 +143,14 @@ def init_process_group(rdzv: Rendezvous, *, rendezvous_timeout_s: float,
     return store
 
 
-def shutdown_process_group() -> None:
-    """Leave cleanly: a barrier first, so no rank tears gloo down under a peer still talking."""
+def shutdown_process_group(*, barrier: bool = True) -> None:
+    """Leave cleanly: a barrier first, so no rank tears gloo down under a peer still talking.
+    `barrier=False` after a failure: the peers may never reach the barrier."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         try:
-            dist.barrier()
+            if barrier:
+                dist.barrier()
         finally:
             dist.destroy_process_group()

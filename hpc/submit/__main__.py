@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from hpc.config import ConfigError, available, compose
-from hpc.config.deepspeed import check_at_submit
+from hpc.config.deepspeed_check import check_at_submit
 from hpc.submit.backend import SubmitError, submit
 from hpc.submit.plan import build_plan
 

@@ -66,7 +66,7 @@ def train(cfg: Config, world: World, *, run_dir: Path | None = None,
     result = TrainResult(steps=0, stopped_early=False)
     if world.rank == 0:
         log.info("%s: %.1f M parameters, %.1f MB on this rank; global batch %d x %d tokens",
-                 engine.name, sum(p.numel() for p in engine.module.parameters()) / 1e6,
+                 engine.name, sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()) / 1e6,
                  engine.local_param_bytes() / 1e6, batches.global_batch_size, train_cfg.seq_len)
 
     step = 0

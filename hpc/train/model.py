@@ -160,13 +160,16 @@ def init_parameter(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> None:
         nn.init.normal_(tensor, std=0.02)
 
 
-def materialize(model: Transformer, device: torch.device | str, seed: int, *, rank_offset: int = 0) -> None:
+def materialize(model: Transformer, device: torch.device | str, seed: int, *, rank_offset: int = 0,
+                buffer_device: torch.device | str | None = None) -> None:
     """Give a meta-device (possibly sharded) model real storage on `device` and initialise it.
 
     With `rank_offset=0` every rank draws the same numbers, which is what an unsharded model needs.
     Sharded parameters pass their rank so shards are not copies of one another.
     """
     model.to_empty(device=device)
+    if buffer_device is not None:
+        model.rope = torch.empty_like(model.rope, device=buffer_device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + rank_offset)
         model.init_weights()

@@ -21,7 +21,8 @@ class DDPEngine(Engine):
         # DDP broadcasts rank 0's weights at construction; build_full_model already made them equal.
         self.model = DistributedDataParallel(
             self.module, device_ids=[world.device.index] if world.is_cuda else None,
-            gradient_as_bucket_view=True)
+            # The only buffer (rotary table) is computed alike everywhere: no per-forward broadcast.
+            gradient_as_bucket_view=True, broadcast_buffers=False)
         self.optimizer = build_optimizer(self.module, cfg.train)
         self.precision = cfg.strategy.mixed_precision
         # fp16 has too narrow a range for raw gradients: scale the loss, unscale before clipping.

@@ -25,6 +25,8 @@ def _build_zero3_partitioned(cfg: Config, ds_config: dict, world: World) -> Tran
     with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=_remote_device(cfg),
                              pin_memory=world.is_cuda):
         model = Transformer(cfg.model)
+    # zero.Init makes torch.empty produce the training dtype; the rotary table must stay fp32.
+    model.rope = torch.empty(model.rope.shape, dtype=torch.float32, device=model.rope.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         for module_name, module in model.named_modules():

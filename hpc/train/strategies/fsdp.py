@@ -69,14 +69,18 @@ class FSDPEngine(Engine):
     def __init__(self, cfg: Config, world: World, *, sharded_init: bool | None = None) -> None:
         self.cfg, self.world = cfg, world
         self.mesh = build_mesh(cfg, world)
+        self.replicated = self.mesh.ndim == 2
         if wants_sharded_init(cfg, sharded_init):
             self.module = build_meta_model(cfg)
             shard_model(self.module, cfg, self.mesh)
             # Each shard is drawn from its own stream, but replicas of a shard (HSDP's replicate
             # dimension) must draw the same numbers, so the offset is the rank within the shard group.
             shard_rank = self.mesh["shard"].get_local_rank()
+            # With CPU offload the parameter shards live on the host between uses, but buffers
+            # (the rotary table) are read by the GPU every forward: they stay on the device.
             device = "cpu" if cfg.strategy.offload_params == "cpu" else world.device
-            materialize(self.module, device, cfg.train.seed, rank_offset=shard_rank)
+            materialize(self.module, device, cfg.train.seed, rank_offset=shard_rank,
+                        buffer_device=world.device)
         else:
             self.module = build_full_model(cfg, world.device)
             shard_model(self.module, cfg, self.mesh)
@@ -85,8 +89,12 @@ class FSDPEngine(Engine):
         self.accum = cfg.train.grad_accum
 
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, *, sync: bool) -> torch.Tensor:
-        # Without sync FSDP2 keeps unsharded gradients locally and skips reduce-scatter/all-reduce.
-        self.module.set_requires_gradient_sync(sync)
+        # Gradients are reduce-scattered on every micro-step and accumulate as shards: skipping the
+        # reduce-scatter would leave each rank holding the whole unsharded fp32 gradient (280 GB at
+        # 70B). What waits for the last micro-step is the all-reduce across replicas (HSDP's
+        # replicate dimension, no_shard), the collective that gradient accumulation exists to save.
+        if self.replicated:
+            self.module.set_requires_all_reduce(sync)
         loss = compute_loss(self.model, inputs, targets)
         (loss / self.accum).backward()
         return loss.detach()
