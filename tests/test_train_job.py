@@ -45,3 +45,17 @@ def test_local_job_trains_with_each_strategy(tmp_path: Path, strategy: str, torc
         env={**os.environ, "TMPDIR": str(tmp_path), "TORCH_EXTENSIONS_DIR": str(torch_extensions_dir)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     check_trained(proc.stdout, tmp_path / "job")
+
+
+def test_local_job_trains_on_a_token_file_written_by_make_tokens(tmp_path: Path) -> None:
+    tokens = tmp_path / "corpus.bin"
+    made = subprocess.run([sys.executable, str(ROOT / "tools" / "make_tokens.py"), str(tokens),
+                           str(ROOT / "hpc"), str(ROOT / "README.md")], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpc.submit", "exp=tiny_cpu", "cluster=local", "data.source=tokens",
+         f"data.path={tokens}", f"run.root={tmp_path}", "run.name=job",
+         f"cluster.scratch_dir={tmp_path}/scratch/{{job_id}}"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check_trained(proc.stdout, tmp_path / "job")
