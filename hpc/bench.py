@@ -99,6 +99,7 @@ def _worker(spec: Path, out: Path) -> None:
                   local_world_size=env.world_size, device=torch.device(rdzv.device))
     results: dict[str, Any] = {}
     for label, overrides in cases.items():
+        _release_memory(world)
         flags = {o for o in overrides if o.isupper()}  # harness flags: PLAIN_DDP, SHARDED_INIT
         overrides = [o for o in overrides if o not in flags]
         cfg = compose([*BASE, f"gpus_per_node={env.world_size}", *overrides],
@@ -130,10 +131,12 @@ def _release_memory(world: Any) -> None:
 
     import torch
 
+    from hpc.train.metrics import reset_peak_memory
+
     gc.collect()
     if world.is_cuda:
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(world.device)
+    reset_peak_memory(world.device)
 
 
 # ---- the yardstick --------------------------------------------------------------------------------
@@ -152,7 +155,9 @@ def plain_ddp_loop(cfg: Any, world: Any) -> dict[str, Any]:
         model = Transformer(cfg.model)
     torch.manual_seed(cfg.train.seed)
     model.init_weights()
-    ddp = DistributedDataParallel(model, device_ids=[world.device.index] if world.is_cuda else None)
+    # Same DDP options as our engine, so the ratio measures the engine and loop, not DDP settings.
+    ddp = DistributedDataParallel(model, device_ids=[world.device.index] if world.is_cuda else None,
+                                  gradient_as_bucket_view=True, broadcast_buffers=False)
     optimizer = build_optimizer(model, cfg.train)
     t = cfg.train
     batches = GlobalBatches(open_source(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=t.seq_len, seed=t.seed),

@@ -15,10 +15,29 @@ from hpc.train.model import flops_per_token
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA: the allocator's high-water mark. CPU: the process's peak resident set."""
+    """CUDA: the allocator's high-water mark. CPU: the process's peak resident set (VmHWM)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new high-water mark (per benchmark case)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux >= 4.0: writing 5 resets VmHWM to the current resident set
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
 
 
 @dataclass(frozen=True)
