@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_login_node import CHECK, HEAVY
 
 from hpc.config import Config, ConfigError, compose
 from hpc.config.deepspeed import build_deepspeed_config, coerce
@@ -343,15 +344,6 @@ def test_module_entry_reads_json_on_stdin() -> None:
 
 # ---- the submit CLI, as a user runs it ----
 
-HEAVY = ("torch", "deepspeed")
-CHECK = """
-import sys
-from hpc.submit.__main__ import main
-code = main(sys.argv[1:])
-heavy = sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r})
-print("HEAVY", heavy)
-sys.exit(code)
-"""
 SUBMIT = ["exp=tiny_cpu", "strategy=zero2", "cluster=local"]
 TYPO = "strategy.deepspeed.zero_optimization.reduce_bucket_sise=5e8"
 
