@@ -76,12 +76,11 @@ def run_cases(world_size: int, cases: dict[str, list[str]], workdir: Path, *, ti
 
 def _worker(spec: Path, out: Path) -> None:
     """One rank: join the group, run every case, rank 0 writes the results, leave without teardown."""
-    import torch
     import torch.distributed as dist
 
     from hpc.config import compose
     from hpc.launch.environment import detect
-    from hpc.launch.rendezvous import init_process_group, plan_rendezvous
+    from hpc.launch.rendezvous import join
     from hpc.train.loop import train
     from hpc.train.strategies import World, build_engine
 
@@ -90,13 +89,9 @@ def _worker(spec: Path, out: Path) -> None:
     first_overrides = [o for o in next(iter(cases.values()), []) if not o.isupper()]
     first = compose([*BASE, f"gpus_per_node={env.world_size}", *first_overrides],
                     which=lambda name: None, environ={})
-    cuda = torch.cuda.device_count() if first.cluster.accelerator == "cuda" else 0
-    rdzv = plan_rendezvous(env, first, cuda_devices=cuda)
-    if rdzv.device == "cpu":
-        torch.set_num_threads(max(len(os.sched_getaffinity(0)) // env.world_size, 1))
-    init_process_group(rdzv, rendezvous_timeout_s=120, collective_timeout_s=600)
-    world = World(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
-                  local_world_size=env.world_size, device=torch.device(rdzv.device))
+    rdzv = join(env, first, local_world_size=env.world_size, rendezvous_timeout_s=120,
+                collective_timeout_s=600)
+    world = World.from_rendezvous(rdzv, local_world_size=env.world_size)
     results: dict[str, Any] = {}
     for label, overrides in cases.items():
         _release_memory(world)

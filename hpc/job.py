@@ -18,7 +18,7 @@ from typing import Any
 from hpc.config import Config
 from hpc.launch.environment import JobEnv, detect
 from hpc.launch.preflight import run_preflight
-from hpc.launch.rendezvous import init_process_group, plan_rendezvous, shutdown_process_group
+from hpc.launch.rendezvous import join, shutdown_process_group
 
 log = logging.getLogger("hpc")
 
@@ -37,8 +37,6 @@ def main(cfg: Config, run_dir: str) -> dict[str, Any]:
     started = time.perf_counter()
     env = detect()
     _setup_logging(env)
-    import torch  # here, not at module level: the login node pickles a reference to this module
-
     if env.rank == 0:
         log.info("job %s (%s), run %s, restart %d, world %d on %d node(s)", env.job_id, env.launcher,
                  run_dir, env.restart_count, env.world_size, env.num_nodes)
@@ -50,14 +48,8 @@ def main(cfg: Config, run_dir: str) -> dict[str, Any]:
 
         validate_deepspeed_config(build_deepspeed_config(cfg))
     local_world = max(env.world_size // env.num_nodes, 1)
-    if cfg.cluster.accelerator == "cpu":
-        # Ranks sharing a CPU would each start one thread per core and fight over them.
-        torch.set_num_threads(max(len(os.sched_getaffinity(0)) // local_world, 1))
-    cuda = torch.cuda.device_count() if cfg.cluster.accelerator == "cuda" else 0
-    rdzv = plan_rendezvous(env, cfg, cuda_devices=cuda)
-    os.environ.update(rdzv.environ(local_world_size=local_world))
-    init_process_group(rdzv, rendezvous_timeout_s=cfg.launch.init_timeout_s,
-                       collective_timeout_s=cfg.cluster.nccl.timeout_s)
+    rdzv = join(env, cfg, local_world_size=local_world, rendezvous_timeout_s=cfg.launch.init_timeout_s,
+                collective_timeout_s=cfg.cluster.nccl.timeout_s)
     try:
         result = run_preflight(env, rdzv, cfg) if cfg.launch.preflight else {"summary": "preflight skipped"}
         if env.rank == 0:
@@ -79,13 +71,10 @@ def main(cfg: Config, run_dir: str) -> dict[str, Any]:
 
 
 def _train(cfg: Config, env: JobEnv, rdzv: Any, local_world: int, run_dir: Path) -> dict[str, Any]:
-    import torch
-
     from hpc.train.loop import train
     from hpc.train.strategies import World
 
-    world = World(rank=rdzv.rank, world_size=rdzv.world_size, local_rank=rdzv.local_rank,
-                  local_world_size=local_world, device=torch.device(rdzv.device))
+    world = World.from_rendezvous(rdzv, local_world_size=local_world)
     stop = threading.Event()  # set by the requeue layer's signal handling
     outcome = train(cfg, world, run_dir=run_dir, stop=stop)
     summary = outcome.summary

@@ -143,6 +143,23 @@ def init_process_group(rdzv: Rendezvous, *, rendezvous_timeout_s: float,
     return store
 
 
+def join(env: JobEnv, cfg: Config, *, local_world_size: int, rendezvous_timeout_s: float,
+         collective_timeout_s: float) -> Rendezvous:
+    """Plan this rank's rendezvous, export it for libraries that read it, share the CPU fairly
+    between the ranks of a node when training on CPU, and join the default process group."""
+    import torch
+
+    cuda = torch.cuda.device_count() if cfg.cluster.accelerator == "cuda" else 0
+    rdzv = plan_rendezvous(env, cfg, cuda_devices=cuda)
+    os.environ.update(rdzv.environ(local_world_size=local_world_size))
+    if rdzv.device == "cpu":
+        # Ranks sharing a CPU would each start one thread per core and fight over them.
+        torch.set_num_threads(max(len(os.sched_getaffinity(0)) // local_world_size, 1))
+    init_process_group(rdzv, rendezvous_timeout_s=rendezvous_timeout_s,
+                       collective_timeout_s=collective_timeout_s)
+    return rdzv
+
+
 def shutdown_process_group(*, barrier: bool = True) -> None:
     """Leave cleanly: a barrier first, so no rank tears gloo down under a peer still talking.
     `barrier=False` after a failure: the peers may never reach the barrier."""

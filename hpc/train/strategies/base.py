@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from hpc.config import Config
+from hpc.launch.rendezvous import Rendezvous
 from hpc.train.model import Transformer, count_params, loss_fn
 
 # Above this many fp32 parameter bytes a model is built on the meta device and materialised only
@@ -36,6 +37,11 @@ class World:
     local_rank: int
     local_world_size: int
     device: torch.device
+
+    @classmethod
+    def from_rendezvous(cls, rdzv: Rendezvous, *, local_world_size: int) -> World:
+        return cls(rank=rdzv.rank, world_size=rdzv.world_size, local_rank=rdzv.local_rank,
+                   local_world_size=local_world_size, device=torch.device(rdzv.device))
 
     @property
     def is_cuda(self) -> bool:
