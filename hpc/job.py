@@ -17,7 +17,7 @@ from typing import Any
 
 from hpc.config import Config
 from hpc.launch.environment import JobEnv, detect
-from hpc.launch.preflight import run_preflight
+from hpc.launch.preflight import run_preflight, scratch_path
 from hpc.launch.rendezvous import join, shutdown_process_group
 
 log = logging.getLogger("hpc")
@@ -71,23 +71,34 @@ def main(cfg: Config, run_dir: str) -> dict[str, Any]:
 
 
 def _train(cfg: Config, env: JobEnv, rdzv: Any, local_world: int, run_dir: Path) -> dict[str, Any]:
+    from hpc.checkpoint import Checkpointer
+    from hpc.config.compose import to_yaml
     from hpc.train.loop import train
     from hpc.train.strategies import World
 
     world = World.from_rendezvous(rdzv, local_world_size=local_world)
     stop = threading.Event()  # set by the requeue layer's signal handling
-    outcome = train(cfg, world, run_dir=run_dir, stop=stop)
+    checkpointer = Checkpointer(cfg, world, location=cfg.checkpoint.dir or str(run_dir / "checkpoints"),
+                                scratch=scratch_path(cfg.cluster.scratch_dir, env) / "checkpoints",
+                                config_yaml=to_yaml(cfg))
+    try:
+        outcome = train(cfg, world, run_dir=run_dir, stop=stop, checkpoints=checkpointer)
+    finally:
+        checkpointer.close()
     summary = outcome.summary
     losses = outcome.losses
-    line = (f"{cfg.strategy.name}: {outcome.steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}"
-            if losses else f"{cfg.strategy.name}: no steps to run")
+    resumed = f" (resumed at step {outcome.start_step})" if outcome.start_step else ""
+    line = (f"{cfg.strategy.name}: {outcome.steps} steps{resumed}, loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+            if losses else f"{cfg.strategy.name}: no steps to run (at step {outcome.steps} of "
+            f"{cfg.train.max_steps})")
     if "tokens_per_s" in summary:
         line += (f", {summary['tokens_per_s']:,.0f} tok/s, {summary['step_time_s'] * 1e3:.1f} ms/step, "
                  f"peak {summary['peak_mem_gb']:.2f} GB")
     if env.rank == 0:
         log.info(line)
     return {"summary": line, "steps": outcome.steps, "losses": losses, "train": summary,
-            "stopped_early": outcome.stopped_early}
+            "stopped_early": outcome.stopped_early, "start_step": outcome.start_step,
+            "last_committed": checkpointer.last_committed}
 
 
 def _exit_without_teardown_after_success() -> None:

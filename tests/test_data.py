@@ -258,7 +258,7 @@ def test_resume_at_a_different_dp_size() -> None:
     loader.next_step()
     loader.next_step()
     state = loader.state_dict()
-    assert state == {"consumed_samples": 16, "seed": 0}
+    assert state == {"consumed_samples": 16, "seed": 0, "num_samples": 1000}
     # Resume on four ranks (with a new split of the same global batch) from the saved state.
     resumed = []
     for r in range(4):
@@ -268,6 +268,15 @@ def test_resume_at_a_different_dp_size() -> None:
     positions = sorted(int(p) for fresh in resumed for m in fresh.step_positions() for p in m)
     assert positions == list(range(16, 24))
     assert consumed((4, 1, 2), steps=2, consumed_samples=16, source=src) == straight[2:]
+
+
+def test_load_state_over_other_data_is_an_error() -> None:
+    saved = GlobalBatches(SyntheticTokens(64, 8, seed=0, num_samples=100), seed=0, micro_batch_size=1,
+                          grad_accum=1, dp_rank=0, dp_size=1).state_dict()
+    other = GlobalBatches(SyntheticTokens(64, 8, seed=0, num_samples=90), seed=0, micro_batch_size=1,
+                          grad_accum=1, dp_rank=0, dp_size=1)
+    with pytest.raises(DataError, match="saved over 100 samples but the data now has 90"):
+        other.load_state_dict(saved)
 
 
 def test_load_state_with_another_seed_is_an_error() -> None:

@@ -203,6 +203,56 @@ class DataConfig:
                     "data.path=/datasets/web.bin (write one with tools/make_tokens.py)")
 
 
+RESUME_MODES = ("auto", "never")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Sharded checkpoints: written to node-local scratch, drained to persistent storage, committed
+    by a manifest written last."""
+
+    dir: str | None = None
+    """Persistent location: a path (/lustre/...) or an fsspec URL (file://, s3://...);
+    default <run folder>/checkpoints."""
+    every_steps: int = 0
+    """Save every this many steps (0: only when the loop is told to stop, and at the end)."""
+    keep_last: int = 3
+    """Committed checkpoints kept at the persistent location (older ones are deleted)."""
+    keep_every: int = 0
+    """Also keep every step that is a multiple of this forever (0: none)."""
+    resume: str = "auto"
+    """auto (newest committed) | never | a step number | the path of a step-N folder."""
+    async_save: bool = True
+    """DDP/FSDP: the loop waits only while tensors are copied; the write runs in the background."""
+    streams: int = 4
+    """Parallel write and upload streams per node."""
+    retries: int = 4
+    """Upload attempts after the first, with exponential backoff."""
+    backoff_s: float = 1.0
+    """Wait before the first retry; doubled each time."""
+    timeout_s: int = 3600
+    """Longest a rank waits for the others to finish writing and uploading a checkpoint."""
+    space_margin: float = 1.25
+    """Free space required on scratch and persistent storage, as a multiple of the estimate."""
+
+    def __post_init__(self) -> None:
+        require_single_line("checkpoint.dir", self.dir)
+        require(self.dir is None or bool(self.dir.strip()), "checkpoint.dir: must not be empty")
+        require_positive("checkpoint.every_steps", self.every_steps, 0)
+        require_positive("checkpoint.keep_last", self.keep_last)
+        require_positive("checkpoint.keep_every", self.keep_every, 0)
+        require_positive("checkpoint.streams", self.streams)
+        require_positive("checkpoint.retries", self.retries, 0)
+        require_positive("checkpoint.timeout_s", self.timeout_s)
+        require(self.backoff_s >= 0, f"checkpoint.backoff_s={self.backoff_s}: must be >= 0")
+        require(self.space_margin >= 1, f"checkpoint.space_margin={self.space_margin}: must be >= 1")
+        resume = str(self.resume)
+        require_single_line("checkpoint.resume", resume)
+        require(resume in RESUME_MODES or resume.isdigit() or "/" in resume,
+                f"checkpoint.resume={resume}: use auto, never, a step number (resume=40) or the "
+                "path of a step folder (resume=/lustre/run/checkpoints/step-40)")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Where a run's files go."""
@@ -231,6 +281,7 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     requeue: RequeueConfig = field(default_factory=RequeueConfig)

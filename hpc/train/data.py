@@ -244,7 +244,8 @@ class GlobalBatches:
 
     def state_dict(self) -> dict[str, int]:
         """The data position, for the checkpoint; valid at any world size."""
-        return {"consumed_samples": self.consumed_samples, "seed": self.seed}
+        return {"consumed_samples": self.consumed_samples, "seed": self.seed,
+                "num_samples": self.source.num_samples}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume at a saved position; the seed must match or the order would silently change."""
@@ -252,6 +253,12 @@ class GlobalBatches:
             raise DataError(f"data position was saved with seed={state['seed']} but this run has "
                             f"train.seed={self.seed}; the sample order would silently change: "
                             f"resume with train.seed={state['seed']} or start a new run")
+        saved_n = state.get("num_samples")
+        if saved_n is not None and int(saved_n) != self.source.num_samples:
+            raise DataError(f"data position was saved over {saved_n} samples but the data now has "
+                            f"{self.source.num_samples} (token file or seq_len changed); the "
+                            "permutation, and so every later batch, would differ: restore the data "
+                            "or start a new run")
         consumed = int(state["consumed_samples"])
         if consumed < 0:
             raise DataError(f"consumed_samples={consumed} in the data state: must be >= 0")

@@ -3,6 +3,10 @@
     for each step:  take this rank's micro-batches -> set the lr -> forward/backward each
                     (gradients reduced on the last only) -> clip + optimizer step
                     -> one small all-reduce: the global loss, and whether any rank wants to stop
+                    -> checkpoint when due, when stopping, and at the end
+
+Checkpointing is reached through the `Checkpoints` protocol (implemented in hpc.checkpoint; the
+trainer stage does not import it): restore before the first step, save at step boundaries.
 """
 
 from __future__ import annotations
@@ -12,17 +16,36 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
 from hpc.config import Config
+from hpc.faults import fault_point
 from hpc.train.data import GlobalBatches, open_source
 from hpc.train.metrics import Meter, MetricsLog, StepMetrics
 from hpc.train.optim import lr_at, set_lr
 from hpc.train.strategies import Engine, World, build_engine
 
 log = logging.getLogger("hpc")
+
+
+class Checkpoints(Protocol):
+    """What the loop asks of checkpointing."""
+
+    def restore(self, engine: Engine, batches: GlobalBatches) -> int:
+        """Load the checkpoint to resume from (model, optimizer, data position, RNG); the step to
+        start at, 0 when there is none."""
+
+    def due(self, step: int) -> bool:
+        """Whether the regular schedule saves after this step."""
+
+    def save(self, step: int, engine: Engine, batches: GlobalBatches) -> None:
+        """Save the state after `step` steps; may return before the save is committed."""
+
+    def finish(self) -> None:
+        """Wait until the last save committed; raise if it could not."""
 
 
 @dataclass
@@ -37,6 +60,8 @@ class TrainResult:
     """Seconds of every step this run."""
     records: list[StepMetrics] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    start_step: int = 0
+    """The step this run resumed at (0: a fresh start)."""
 
 
 def _agree(loss: torch.Tensor, want_stop: bool, world_size: int) -> tuple[float, bool]:
@@ -53,8 +78,9 @@ def _agree(loss: torch.Tensor, want_stop: bool, world_size: int) -> tuple[float,
 
 def train(cfg: Config, world: World, *, run_dir: Path | None = None,
           stop: threading.Event | None = None, engine: Engine | None = None,
-          sharded_init: bool | None = None) -> TrainResult:
-    """Train from step 0 to cfg.train.max_steps, or until any rank's stop event is set."""
+          sharded_init: bool | None = None, checkpoints: Checkpoints | None = None) -> TrainResult:
+    """Train from the resumed step (or 0) to cfg.train.max_steps, or until any rank's stop event
+    is set; every rank returns at the same step."""
     engine = engine or build_engine(cfg, world, sharded_init=sharded_init)
     train_cfg = cfg.train
     source = open_source(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=train_cfg.seq_len,
@@ -69,7 +95,8 @@ def train(cfg: Config, world: World, *, run_dir: Path | None = None,
                  engine.name, sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()) / 1e6,
                  engine.local_param_bytes() / 1e6, batches.global_batch_size, train_cfg.seq_len)
 
-    step = 0
+    step = checkpoints.restore(engine, batches) if checkpoints is not None else 0
+    result.start_step = step
     while step < train_cfg.max_steps:
         started = time.perf_counter()
         micro_batches = batches.next_step()
@@ -80,8 +107,9 @@ def train(cfg: Config, world: World, *, run_dir: Path | None = None,
             inputs, targets = inputs.to(world.device, non_blocking=True), targets.to(world.device, non_blocking=True)
             loss_sum += engine.forward_backward(inputs, targets, sync=i == len(micro_batches) - 1)
         grad_norm = engine.step()
-        loss, stop_now = _agree(loss_sum / len(micro_batches), stop is not None and stop.is_set(),
-                                world.world_size)
+        want_stop = (stop is not None and stop.is_set()) or fault_point("step_end", step=step + 1,
+                                                                          rank=world.rank)
+        loss, stop_now = _agree(loss_sum / len(micro_batches), want_stop, world.world_size)
         step += 1
         meter.add(time.perf_counter() - started)
         result.losses.append(loss)
@@ -91,9 +119,13 @@ def train(cfg: Config, world: World, *, run_dir: Path | None = None,
             if world.rank == 0:
                 metrics_log.write(record)
                 log.info(record.line(train_cfg.max_steps))
+        if checkpoints is not None and (stop_now or step == train_cfg.max_steps or checkpoints.due(step)):
+            checkpoints.save(step, engine, batches)
         if stop_now:
             result.stopped_early = step < train_cfg.max_steps
             break
+    if checkpoints is not None:
+        checkpoints.finish()
     result.steps = step
     result.summary = meter.summary()
     result.step_times = meter.step_times

@@ -1,0 +1,162 @@
+"""Moving step folders between node-local scratch and persistent storage, and deleting old ones.
+
+Uploads run `streams` files at a time, each retried with exponential backoff; a file's checksum
+is computed while it is copied. Cleanup never stops at the first failed delete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from hpc.checkpoint.manifest import MANIFEST, Candidate, list_steps, parse_step_dir, step_dir
+from hpc.checkpoint.storage import FileEntry, Storage, file_checksum
+from hpc.faults import fault_point
+
+log = logging.getLogger("hpc")
+T = TypeVar("T")
+
+
+def with_retries(what: str, fn: Callable[[], T], *, retries: int, backoff_s: float,
+                 sleep: Callable[[float], None] = time.sleep) -> T:
+    """fn(), tried 1 + retries times; waits backoff_s * 2**k (with jitter) between attempts."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except OSError as err:
+            if attempt == retries:
+                raise
+            wait = backoff_s * 2 ** attempt * (0.5 + random.random())
+            log.warning("%s failed (%s); retry %d/%d in %.1f s", what, err, attempt + 1, retries, wait)
+            sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def local_files(folder: Path) -> list[str]:
+    """Every file under folder, as relative names, sorted."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def upload_step(folder: Path, storage: Storage, step: int, *, streams: int, retries: int,
+                backoff_s: float, rank: int) -> list[FileEntry]:
+    """Copy every file of a scratch step folder to `step-N/` at the persistent location."""
+    prefix = step_dir(step)
+
+    def one(name: str) -> FileEntry:
+        def on_bytes(done: int) -> None:
+            if done >= (1 << 20) or done == (folder / name).stat().st_size:
+                fault_point("upload", step=step, rank=rank)
+
+        entry = with_retries(f"upload {folder / name} -> {storage.url}/{prefix}/{name}",
+                             lambda: storage.put(folder / name, f"{prefix}/{name}", on_bytes),
+                             retries=retries, backoff_s=backoff_s)
+        return FileEntry(name, entry.size, entry.checksum)
+
+    with ThreadPoolExecutor(max(1, streams), thread_name_prefix="hpc-upload") as pool:
+        return list(pool.map(one, local_files(folder)))
+
+
+def stage_view(manifest_files: Iterable[FileEntry], storage: Storage, step: int, view: Path, *,
+               retries: int, backoff_s: float, streams: int) -> tuple[dict[str, int], list[str]]:
+    """Make `view` a complete copy of a committed step for this node: files already in scratch
+    with the listed size and checksum stay; the rest are linked to the persistent copy (mounted
+    filesystem) or downloaded (object store, checksummed on the way).
+
+    Returns counts per source and the names of linked files, whose checksums are still unchecked."""
+    prefix = step_dir(step)
+    counts = {"local": 0, "linked": 0, "downloaded": 0}
+    linked: list[str] = []
+    view.mkdir(parents=True, exist_ok=True)
+
+    def one(entry: FileEntry) -> str:
+        path = view / entry.name
+        if path.is_file() and not path.is_symlink() and path.stat().st_size == entry.size \
+                and file_checksum(path)[1] == entry.checksum:
+            return "local"
+        if path.is_symlink() or path.exists():
+            path.unlink()
+        remote = storage.local_path(f"{prefix}/{entry.name}")
+        if remote is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(remote, path)
+            return "linked"
+        got = with_retries(f"download {storage.url}/{prefix}/{entry.name}",
+                           lambda: storage.get(f"{prefix}/{entry.name}", path),
+                           retries=retries, backoff_s=backoff_s)
+        if got.checksum != entry.checksum:
+            raise ChecksumMismatch(entry.name, entry.checksum, got.checksum)
+        return "downloaded"
+
+    entries = list(manifest_files)
+    with ThreadPoolExecutor(max(1, streams), thread_name_prefix="hpc-stage") as pool:
+        for entry, source in zip(entries, pool.map(one, entries)):
+            counts[source] += 1
+            if source == "linked":
+                linked.append(entry.name)
+    return counts, linked
+
+
+class ChecksumMismatch(OSError):
+    def __init__(self, name: str, expected: str, found: str) -> None:
+        super().__init__(f"file {name}: checksum {found}, the manifest says {expected}")
+
+
+def verify_checksums(storage: Storage, step: int, entries: dict[str, FileEntry], names: Iterable[str]) -> str | None:
+    """Read the named files at the persistent location; the first problem, or None."""
+    for name in names:
+        size, checksum = storage.checksum(f"{step_dir(step)}/{name}")
+        if checksum != entries[name].checksum or size != entries[name].size:
+            return f"file {name}: checksum {checksum}, the manifest says {entries[name].checksum}"
+    return None
+
+
+def steps_to_delete(all_steps: list[int], committed: list[int], *, keep_last: int, keep_every: int,
+                    protected: set[int]) -> list[int]:
+    """Retention: the newest `keep_last` committed steps, every multiple of `keep_every`, and the
+    protected steps (being resumed from or written) stay. Uncommitted folders older than the newest
+    committed step are leftovers of interrupted saves and go; newer ones may still be in flight."""
+    newest = max(committed, default=-1)
+    keep = set(sorted(committed, reverse=True)[:keep_last]) | protected
+    if keep_every:
+        keep |= {s for s in committed if s % keep_every == 0}
+    doomed = [s for s in committed if s not in keep]
+    doomed += [s for s in all_steps if s not in committed and s < newest and s not in protected]
+    return sorted(doomed)
+
+
+def clean_persistent(storage: Storage, committed: list[Candidate], *, keep_last: int, keep_every: int,
+                     protected: set[int]) -> list[int]:
+    """Delete what retention lets go; a failed delete is logged and the rest still go."""
+    doomed = steps_to_delete(list_steps(storage), [c.step for c in committed], keep_last=keep_last,
+                             keep_every=keep_every, protected=protected)
+    deleted = []
+    for step in doomed:
+        try:
+            # The manifest first: a half-deleted step must never look committed.
+            storage.remove(f"{step_dir(step)}/{MANIFEST}")
+            storage.remove(step_dir(step))
+            deleted.append(step)
+        except OSError as err:
+            log.warning("retention: could not delete %s/%s (%s); continuing", storage.url, step_dir(step), err)
+    return deleted
+
+
+def clean_scratch(scratch: Path, *, keep: set[int]) -> None:
+    """Node-local scratch holds only the steps still needed (being written, newest committed)."""
+    if not scratch.is_dir():
+        return
+    for path in scratch.iterdir():
+        step = parse_step_dir(path.name)
+        if step is None or step in keep:
+            continue
+        try:
+            shutil.rmtree(path)
+        except OSError as err:
+            log.warning("scratch cleanup: could not delete %s (%s); continuing", path, err)

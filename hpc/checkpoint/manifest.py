@@ -1,0 +1,137 @@
+"""The commit protocol. A checkpoint is the folder `step-N/` at the persistent location, and it
+exists only once `step-N/manifest.json` is there: written last, atomically, listing every file
+with its size and checksum. "Latest" is the highest step whose manifest verifies; anything else
+(no manifest, a missing or short file, a checksum that differs) is skipped with a warning naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from hpc.checkpoint.storage import FileEntry, Storage
+
+log = logging.getLogger("hpc")
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def step_dir(step: int) -> str:
+    return f"step-{step}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    match = _STEP_DIR.match(name)
+    return int(match[1]) if match else None
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be saved or loaded as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a committed checkpoint holds and how to check it."""
+
+    step: int
+    world_size: int
+    strategy: str
+    """ddp | fsdp | deepspeed (with `format` this decides who can load it)."""
+    format: str
+    """dcp (torch.distributed.checkpoint: loads at any world size) | deepspeed (world-size-bound)."""
+    config_hash: str
+    data: dict[str, int]
+    """The data position: {consumed_samples, seed, num_samples}."""
+    files: list[FileEntry]
+    zero_stage: int = 0
+    saved_at: float = 0.0
+    save_seconds: dict[str, float] = field(default_factory=dict)
+    """How long each phase took: blocked, write, upload, commit."""
+    version: int = FORMAT_VERSION
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_json(self) -> bytes:
+        body = asdict(self)
+        return (json.dumps(body, indent=1, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Manifest:
+        body = json.loads(data)
+        if body.get("version") != FORMAT_VERSION:
+            raise ValueError(f"manifest version {body.get('version')}, this code reads {FORMAT_VERSION}")
+        body["files"] = [FileEntry(**f) for f in body["files"]]
+        return cls(**body)
+
+
+@dataclass
+class Candidate:
+    """A step folder at the persistent location and what is known about it."""
+
+    step: int
+    manifest: Manifest | None
+    problem: str | None = None
+
+
+def read_manifest(storage: Storage, step: int) -> Candidate:
+    """The step's manifest, checked for shape and file sizes (cheap); checksums come later."""
+    raw = storage.read_bytes(f"{step_dir(step)}/{MANIFEST}")
+    if raw is None:
+        return Candidate(step, None, "no manifest: the save never committed (interrupted?)")
+    try:
+        manifest = Manifest.from_json(raw)
+    except (ValueError, TypeError, KeyError) as err:
+        return Candidate(step, None, f"unreadable manifest ({err})")
+    if manifest.step != step:
+        return Candidate(step, None, f"manifest says step {manifest.step}")
+    for entry in manifest.files:
+        size = storage.size(f"{step_dir(step)}/{entry.name}")
+        if size is None:
+            return Candidate(step, manifest, f"file {entry.name} is missing")
+        if size != entry.size:
+            return Candidate(step, manifest, f"file {entry.name} has {size} bytes, the manifest says {entry.size}")
+    return Candidate(step, manifest)
+
+
+def list_steps(storage: Storage) -> list[int]:
+    """Step numbers of every step folder, committed or not, newest first."""
+    steps = (parse_step_dir(name) for name in storage.listdir())
+    return sorted((s for s in steps if s is not None), reverse=True)
+
+
+def committed(storage: Storage, *, warn: bool = True) -> list[Candidate]:
+    """Steps whose manifest reads and whose files have the listed sizes, newest first; others are
+    reported (once, by the caller's rank) and left out."""
+    found = []
+    for step in list_steps(storage):
+        candidate = read_manifest(storage, step)
+        if candidate.problem is None:
+            found.append(candidate)
+        elif warn:
+            log.warning("checkpoint %s/%s skipped: %s", storage.url, step_dir(step), candidate.problem)
+    return found
+
+
+def config_hash(config_yaml: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(config_yaml.encode()).hexdigest()[:16]
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys

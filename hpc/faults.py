@@ -1,0 +1,64 @@
+"""Fault injection for tests: kill this process (SIGKILL, no cleanup) or ask the loop to stop, at a
+named point of the real code path, chosen by the `HPC_FAULTS` environment variable.
+
+    HPC_FAULTS="kill@shard_write:step=6:rank=1,stop@step_end:step=10"
+
+Each entry is `action@point` with optional `:key=value` filters (`step`, `rank`); an entry fires
+when every filter matches. Actions: `kill` (SIGKILL, as from the OOM killer or a dead node) and
+`stop` (the caller treats it like a stop request). Unset (always, outside tests) it costs one dict
+lookup per call.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+ENV = "HPC_FAULTS"
+POINTS = ("shard_write", "upload", "manifest_write", "step_end")
+ACTIONS = ("kill", "stop")
+
+
+@dataclass(frozen=True)
+class Fault:
+    action: str
+    point: str
+    filters: dict[str, int] = field(default_factory=dict)
+
+    def matches(self, point: str, **context: int) -> bool:
+        return point == self.point and all(context.get(k) == v for k, v in self.filters.items())
+
+
+def parse(text: str) -> list[Fault]:
+    faults = []
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        head, *filters = entry.split(":")
+        action, _, point = head.partition("@")
+        if action not in ACTIONS or point not in POINTS:
+            raise ValueError(f"{ENV}: '{entry}' is not action@point with action in {ACTIONS} and "
+                             f"point in {POINTS}")
+        parsed = {}
+        for item in filters:
+            key, _, value = item.partition("=")
+            if key not in ("step", "rank") or not value.isdigit():
+                raise ValueError(f"{ENV}: filter '{item}' in '{entry}': use step=N or rank=N")
+            parsed[key] = int(value)
+        faults.append(Fault(action, point, parsed))
+    return faults
+
+
+def fault_point(point: str, **context: int) -> bool:
+    """Act on any fault configured for this point; True when one asks the caller to stop."""
+    text = os.environ.get(ENV)
+    if not text:
+        return False
+    stop = False
+    for fault in parse(text):
+        if fault.matches(point, **context):
+            if fault.action == "kill":
+                print(f"HPC_FAULTS: SIGKILL at {point} {context}", file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            stop = True
+    return stop
