@@ -71,7 +71,7 @@ def main(cfg: Config, run_dir: str) -> dict[str, Any]:
 
 
 def _train(cfg: Config, env: JobEnv, rdzv: Any, local_world: int, run_dir: Path) -> dict[str, Any]:
-    from hpc.checkpoint import Checkpointer
+    from hpc.checkpoint.checkpointer import Checkpointer
     from hpc.config.compose import to_yaml
     from hpc.train.loop import train
     from hpc.train.strategies import World

@@ -1,7 +1,12 @@
 """Sharded checkpoints: staged on node-local scratch, drained to persistent storage, committed by a
-manifest written last, resumed from the newest step that verifies."""
+manifest written last, resumed from the newest step that verifies.
 
-from hpc.checkpoint.checkpointer import Checkpointer, SaveOutcome
-from hpc.checkpoint.manifest import CheckpointError, Manifest
+    checkpointer  the pipeline the trainer calls (restore, save, finish)
+    formats       engine state <-> files: DCP (DDP, FSDP) or DeepSpeed's own
+    manifest      the commit protocol and discovery of committed steps
+    drain         upload, staging a step for resume, retention
+    storage       persistent storage: a path (os) or an fsspec URL
+    space         will it fit? checked before training starts
 
-__all__ = ["Checkpointer", "CheckpointError", "Manifest", "SaveOutcome"]
+Submodules are imported where used: the storage and manifest parts need no torch.
+"""

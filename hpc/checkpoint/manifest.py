@@ -65,6 +65,8 @@ class Manifest:
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
         body = json.loads(data)
+        if not isinstance(body, dict):
+            raise ValueError(f"expected a JSON object, got {type(body).__name__}")
         if body.get("version") != FORMAT_VERSION:
             raise ValueError(f"manifest version {body.get('version')}, this code reads {FORMAT_VERSION}")
         body["files"] = [FileEntry(**f) for f in body["files"]]
