@@ -5,6 +5,7 @@ Under CI (CI=true) or HPC_REQUIRE_SLURM=1 these tests fail, not skip, when the c
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -125,3 +126,32 @@ def test_a_refused_submission_is_a_clear_error(cluster_env: dict[str, str], tmp_
 def test_composed_testcluster_config_matches_the_cluster() -> None:
     cfg = compose(["exp=tiny_cpu", "cluster=testcluster", "nodes=2"], which=lambda n: "/x", environ={})
     assert cfg.cluster.max_nodes == 4 and cfg.cluster.accelerator == "cpu"
+
+
+def test_two_node_checkpoint_is_staged_per_node_and_resumes_exactly(
+        cluster_env: dict[str, str], tmp_path: Path) -> None:
+    """Each node writes its ranks' shards to its own scratch; each node's first rank uploads them;
+    the resubmitted job resumes from the committed step on the same trajectory, bit for bit."""
+    args = ["exp=tiny_cpu", "nodes=2", "strategy=fsdp_full_shard", f"run.root={tmp_path}", "train.log_every=1"]
+    straight = _submit(cluster_env, *args, "run.name=straight", "--wait")
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+    first = _submit({**cluster_env, "HPC_FAULTS": "stop@step_end:step=10"}, *args, "run.name=split", "--wait")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    job_id = _job_id(first.stdout)
+    step10 = tmp_path / "split" / "checkpoints" / "step-10"
+    manifest = json.loads((step10 / "manifest.json").read_text())
+    assert manifest["world_size"] == 4 and manifest["data"]["consumed_samples"] == 10 * 16
+    shards = {e["name"] for e in manifest["files"] if e["name"].endswith(".distcp")}
+    assert {name.split("_")[2] for name in shards} == {"0", "1", "2", "3"}  # __<rank>_<file>.distcp
+    # Node-local scratch: the first node holds ranks 0-1's shards, the second ranks 2-3's.
+    scratch = Path("/var/tmp/hpc-slurm/scratch")
+    held = {node.name: {p.name.split("_")[2] for p in (node / job_id / "checkpoints" / "step-10").glob("*.distcp")}
+            for node in scratch.iterdir() if (node / job_id / "checkpoints" / "step-10").is_dir()}
+    assert sorted(held.values(), key=sorted) == [{"0", "1"}, {"2", "3"}], held
+
+    second = _submit(cluster_env, *args, "run.name=split", "--wait")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "(resumed at step 10)" in second.stdout
+    losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+              for name in ("straight", "split")}
+    assert len(losses["split"]) == 20 and losses["split"] == losses["straight"]
