@@ -1,8 +1,8 @@
 """Checkpoint benchmark: `python -m hpc.checkpoint.bench` prints a table and writes JSON.
 
-`--world` local ranks (gloo on CPU) train a model whose state (weights + AdamW) is a few hundred MB
-and save it with hpc.checkpoint's Checkpointer, `--saves` times per mode, each phase set against the
-plainest code that moves the same bytes on the same disk (medians):
+`--world` local ranks (gloo on CPU) train a model with a few hundred MB of state (weights + AdamW)
+and save it `--saves` times per mode; each phase is set against the plainest code moving the same
+bytes on the same disk (medians):
 
   blocked  the loop's time in an async save() (training runs while it writes; each save is waited
            for before the next, untimed) vs a sync save (async_save=false: save() + wait())
@@ -11,8 +11,8 @@ plainest code that moves the same bytes on the same disk (medians):
   upload   bytes / upload phase of the sync saves vs shutil.copyfile + fsync, streams at a time
   restore  Checkpointer.restore() into a fresh engine, files linked from persistent / from scratch
 
-Each baseline runs right after the save it is compared with (virtual disks are slow on blocks
-never written). Reads may come from the page cache (dropping it needs root); writes are fsynced.
+Each baseline runs right after the save it is set against (virtual disks are slow on blocks never
+written). Reads may come from the page cache (dropping it needs root); writes are fsynced.
 
     python -m hpc.checkpoint.bench --world 2 --saves 3 --strategy fsdp_full_shard
 """
@@ -173,7 +173,7 @@ def _worker(spec_path: Path) -> None:
     res["sync"] = _saves(sync_cfg, world, engine, batches, work / "sync", saves, steps, after=baselines)
 
     # Restore into a fresh engine (as a restarted job does): files linked from persistent, then from scratch.
-    for label, scratch in (("restore_linked", work / "restore-scratch"), ("restore_scratch", work / "sync" / "scratch")):
+    for label, scratch in (("restore_linked", work / "restore"), ("restore_scratch", work / "sync" / "scratch")):
         fresh, fresh_batches = build_engine(cfg, world), batches_of(cfg)
         ckpt = Checkpointer(config("checkpoint.async_save=false"), world, location=str(work / "sync" / "persistent"),
                             scratch=scratch, config_yaml=to_yaml(sync_cfg))
@@ -251,8 +251,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         return f"| {measure:<52} | {text[0]:>7} | {text[1]:>8} | {text[2]:>5} | {text[3]:<7} |"
 
     head = cells("measure", "ours", "baseline", "ratio", "goal")
-    return "\n".join([head, re.sub(r"[^|]", "-", head)] + [cells(r["measure"], r["ours"], r["baseline"], r["ratio"], r["goal"])
-                                                          + {True: " met", False: " MISSED", None: ""}[r["met"]] for r in rows])
+    body = [cells(*(r[k] for k in ("measure", "ours", "baseline", "ratio", "goal")))
+            + {True: " met", False: " MISSED", None: ""}[r["met"]] for r in rows]
+    return "\n".join([head, re.sub(r"[^|]", "-", head), *body])
 
 
 def main(argv: list[str] | None = None) -> int:
