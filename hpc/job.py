@@ -80,7 +80,8 @@ def _train(cfg: Config, env: JobEnv, rdzv: Any, local_world: int, run_dir: Path)
     stop = threading.Event()  # set by the requeue layer's signal handling
     checkpointer = Checkpointer(cfg, world, location=cfg.checkpoint.dir or str(run_dir / "checkpoints"),
                                 scratch=scratch_path(cfg.cluster.scratch_dir, env) / "checkpoints",
-                                config_yaml=to_yaml(cfg))
+                                config_yaml=to_yaml(cfg), node_rank=env.node_rank, num_nodes=env.num_nodes,
+                                host=env.node_name, restart_count=env.restart_count)
     try:
         outcome = train(cfg, world, run_dir=run_dir, stop=stop, checkpoints=checkpointer)
     finally:

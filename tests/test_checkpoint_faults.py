@@ -105,3 +105,22 @@ def test_too_little_space_is_an_error_before_training_starts(tmp_path: Path) -> 
     text = proc.stdout + proc.stderr + rank0_log(tmp_path / "run")
     assert "GB free; checkpoints need" in text and "HINT:" in text, text[-3000:]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not one step was trained
+
+
+def test_resume_never_refuses_a_store_with_checkpoints_and_an_older_step_starts_a_new_line(
+        tmp_path: Path, straight: list[float]) -> None:
+    ok(submit(tmp_path, "run", *EVERY_5))
+    before = {step: manifest(tmp_path / "run", step) for step in (10, 15, 20)}
+    never = submit(tmp_path, "run", *EVERY_5, "checkpoint.resume=never")
+    assert never.returncode != 0
+    text = never.stdout + never.stderr + rank0_log(tmp_path / "run")
+    assert "checkpoint.resume=never, but" in text and "already holds committed steps [20, 15, 10]" in text
+    assert {step: manifest(tmp_path / "run", step) for step in (10, 15, 20)} == before  # untouched
+
+    out = ok(submit(tmp_path, "run", *EVERY_5, "checkpoint.resume=10"))
+    assert "(resumed at step 10)" in out
+    log = rank0_log(tmp_path / "run")
+    assert "step-15 set aside" in log and "step-20 set aside" in log
+    assert [r["loss"] for r in metrics(tmp_path / "run")[-10:]] == straight[10:]
+    assert committed_steps(tmp_path / "run") == [10, 15, 20]  # the new line's 15 and 20
+    assert manifest(tmp_path / "run", 20)["saved_at"] > before[20]["saved_at"]

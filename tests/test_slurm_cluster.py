@@ -155,3 +155,13 @@ def test_two_node_checkpoint_is_staged_per_node_and_resumes_exactly(
     losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
               for name in ("straight", "split")}
     assert len(losses["split"]) == 20 and losses["split"] == losses["straight"]
+
+
+def test_a_scratch_folder_shared_between_nodes_is_refused_before_training(
+        cluster_env: dict[str, str], tmp_path: Path) -> None:
+    proc = _submit(cluster_env, "exp=tiny_cpu", "nodes=2", f"run.root={tmp_path}", "run.name=job",
+                   f"cluster.scratch_dir={tmp_path}/shared/{{job_id}}", "--wait")
+    assert proc.returncode != 0
+    log = next((tmp_path / "job" / "submitit").glob("*_0_log.out")).read_text()
+    assert "cluster.scratch_dir must be node-local" in proc.stdout + proc.stderr + log, log[-3000:]
+    assert not (tmp_path / "job" / "metrics.jsonl").exists()

@@ -6,13 +6,13 @@ bytes on the same disk (medians):
 
   blocked  the loop's time in an async save() (training runs while it writes; each save is waited
            for before the next, untimed) vs a sync save (async_save=false: save() + wait())
-  write    bytes / write phase of the sync saves vs os.write + fsync of files of the same sizes,
-           each rank its own, checkpoint.streams threads, in the same parent folder
-  upload   bytes / upload phase of the sync saves vs shutil.copyfile + fsync, streams at a time
+  write    bytes / write phase of the sync saves vs os.write + fsync of files of the same names and
+           sizes, each rank its own, checkpoint.streams threads, in the same parent folder
+  upload   bytes / upload phase of the sync saves vs shutil.copyfile + fsync of those raw files,
+           checkpoint.streams at a time (so both copy files written a moment before)
   restore  Checkpointer.restore() into a fresh engine, files linked from persistent / from scratch
-
-Each baseline runs right after the save it is set against (virtual disks are slow on blocks never
-written). Reads may come from the page cache (dropping it needs root); writes are fsynced.
+Baselines run right after their save (virtual disks are slow on fresh blocks); writes are fsynced,
+reads may come from the page cache (dropping it needs root).
 
     python -m hpc.checkpoint.bench --world 2 --saves 3 --strategy fsdp_full_shard
 """
@@ -39,7 +39,6 @@ from hpc.bench import BASE
 
 STATE = ("model.dim=512", "model.n_layers=8", "model.n_heads=8", "model.n_kv_heads=8", "model.ffn_dim=1536",
          "model.vocab_size=8192", "train.micro_batch_size=2", "train.seq_len=64", "checkpoint.keep_last=1")
-RAW_CHUNK = 8 << 20
 
 
 def _train(engine: Any, batches: Any, steps: int) -> None:
@@ -74,7 +73,7 @@ def _saves(cfg: Any, world: Any, engine: Any, batches: Any, folder: Path, saves:
 
     ckpt = Checkpointer(cfg, world, location=str(folder / "persistent"), scratch=folder / "scratch",
                         config_yaml=to_yaml(cfg))
-    ckpt.restore(engine, batches)
+    ckpt.restore(engine, batches)  # resume=never: checks free space, sets up the format
     blocked, total, phases, step = [], [], [], 0
     for _ in range(saves):
         _train(engine, batches, steps)
@@ -93,23 +92,23 @@ def _saves(cfg: Any, world: Any, engine: Any, batches: Any, folder: Path, saves:
     return {"blocked": blocked, "total": total, "phases": phases, "bytes": outcome.bytes}
 
 
-def _raw_write(sizes: list[int], folder: Path, streams: int) -> None:
-    """Files of these sizes written with os.write and fsynced, `streams` at a time."""
-    folder.mkdir(parents=True, exist_ok=True)
-    data = memoryview(os.urandom(min(max(sizes, default=0), RAW_CHUNK)))
+def _raw_write(files: dict[str, int], folder: Path, streams: int) -> None:
+    """Files of these names and sizes written with os.write and fsynced, `streams` at a time."""
+    data = memoryview(os.urandom(min(max(files.values(), default=0), 8 << 20)))  # written 8 MiB at a time
 
-    def one(i: int) -> None:
-        with open(folder / f"file-{i}", "wb", buffering=0) as f:  # unbuffered: each write is os.write
-            left = sizes[i]
+    def one(name: str) -> None:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        with open(folder / name, "wb", buffering=0) as f:  # unbuffered: each write is one os.write
+            left = files[name]
             while left:
                 left -= f.write(data[:min(left, len(data))])
             os.fsync(f.fileno())
 
     with ThreadPoolExecutor(streams) as pool:
-        list(pool.map(one, range(len(sizes))))
+        list(pool.map(one, files))
 
 
-def _plain_copy(src: Path, names: list[str], dst: Path, streams: int) -> None:
+def _copy(src: Path, names: list[str], dst: Path, streams: int) -> None:
     """shutil.copyfile of every file, each destination fsynced, `streams` at a time."""
     def one(name: str) -> None:
         (dst / name).parent.mkdir(parents=True, exist_ok=True)
@@ -121,8 +120,7 @@ def _plain_copy(src: Path, names: list[str], dst: Path, streams: int) -> None:
         list(pool.map(one, names))
 
 
-def _worker(spec_path: Path) -> None:
-    import torch
+def _worker(spec_json: str) -> None:
     import torch.distributed as dist
 
     from hpc.checkpoint.checkpointer import Checkpointer
@@ -133,7 +131,7 @@ def _worker(spec_path: Path) -> None:
     from hpc.train.data import GlobalBatches, open_source
     from hpc.train.strategies import World, build_engine
 
-    spec, env = json.loads(spec_path.read_text()), detect()
+    spec, env = json.loads(spec_json), detect()
     work, saves, steps = Path(spec["work"]), spec["saves"], spec["steps"]
 
     def config(*extra: str) -> Any:
@@ -150,8 +148,8 @@ def _worker(spec_path: Path) -> None:
     world = World.from_rendezvous(join(env, cfg, local_world_size=env.world_size, rendezvous_timeout_s=120,
                                        collective_timeout_s=600), local_world_size=env.world_size)
     engine, batches, streams = build_engine(cfg, world), batches_of(cfg), cfg.checkpoint.streams
-    res: dict[str, Any] = {"async": _saves(cfg, world, engine, batches, work / "async", saves, steps),
-                           "raw_write": [], "plain_copy": []}
+    res: dict[str, Any] = {"params": sum(p.numel() for p in engine.module.parameters()), "raw_write": [],
+                           "plain_copy": [], "async": _saves(cfg, world, engine, batches, work / "async", saves, steps)}
     if world.rank == 0:
         shutil.rmtree(work / "async")
 
@@ -160,14 +158,13 @@ def _worker(spec_path: Path) -> None:
         res["files"] = {name: (scratch / name).stat().st_size for name in names}
         # Each rank writes its own shards (`__R_i.distcp`) and RNG file (`rng/rank-R.pt`); rank 0 the rest.
         owner = {name: int(m[1]) if (m := re.match(r"(?:__|rng/rank-)(\d+)", name)) else 0 for name in names}
-        mine = [size for name, size in res["files"].items() if owner[name] == world.rank]
+        mine = {name: size for name, size in res["files"].items() if owner[name] == world.rank}
         res["raw_write"].append(_timed(lambda: _raw_write(mine, work / "raw", streams)))
-        res["plain_copy"].append(_timed(lambda: world.rank == 0 and _plain_copy(scratch, names, work / "copy",
-                                                                                  streams)))
+        # Copied right after they were written, as the upload copies the files DCP just wrote.
+        res["plain_copy"].append(_timed(lambda: world.rank == 0 and _copy(work / "raw", names, work / "copy", streams)))
         dist.barrier()
-        if world.rank == 0:
-            shutil.rmtree(work / "raw")
-            shutil.rmtree(work / "copy")
+        for name in ("raw", "copy") if world.rank == 0 else ():
+            shutil.rmtree(work / name)
 
     sync_cfg = config("checkpoint.resume=never", "checkpoint.async_save=false")
     res["sync"] = _saves(sync_cfg, world, engine, batches, work / "sync", saves, steps, after=baselines)
@@ -179,7 +176,7 @@ def _worker(spec_path: Path) -> None:
                             scratch=scratch, config_yaml=to_yaml(sync_cfg))
         res[label] = _timed(lambda: ckpt.restore(fresh, fresh_batches))
         ckpt.close()
-        same = all(torch.equal(getattr(a, "to_local", lambda: a)(), getattr(b, "to_local", lambda: b)())
+        same = all(getattr(a, "to_local", lambda: a)().equal(getattr(b, "to_local", lambda: b)())
                    for a, b in zip(engine.module.parameters(), fresh.module.parameters()))
         res[f"{label}_equal"] = all(_gather(same))
         fresh.close()
@@ -193,8 +190,7 @@ def _worker(spec_path: Path) -> None:
 
 def _spawn(world_size: int, spec: dict[str, Any], work: Path, timeout_s: float) -> dict[str, Any]:
     """Run the worker on `world_size` local ranks; rank 0's results."""
-    spec_path, repo, procs, logs = work / "spec.json", Path(__file__).resolve().parents[2], [], []
-    spec_path.write_text(json.dumps(spec))
+    repo, procs, logs = Path(__file__).resolve().parents[2], [], []
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -204,7 +200,7 @@ def _spawn(world_size: int, spec: dict[str, Any], work: Path, timeout_s: float) 
                    TMPDIR=str(work), PYTHONPATH=str(repo))
         logs.append(work / f"rank{rank}.log")
         with logs[-1].open("w") as log:
-            procs.append(subprocess.Popen([sys.executable, "-m", "hpc.checkpoint.bench", "--worker", str(spec_path)],
+            procs.append(subprocess.Popen([sys.executable, "-m", "hpc.checkpoint.bench", "--worker", json.dumps(spec)],
                                           env=env, stdout=log, stderr=subprocess.STDOUT, cwd=repo))
     deadline = time.monotonic() + timeout_s
     try:
@@ -223,9 +219,7 @@ def _spawn(world_size: int, spec: dict[str, Any], work: Path, timeout_s: float) 
 def summarise(res: dict[str, Any]) -> list[dict[str, Any]]:
     """Table rows: measure, ours, baseline, ratio = ours / baseline, goal, met."""
     mb, med = res["sync"]["bytes"] / 1e6, statistics.median
-
-    def phase(mode: str, name: str) -> float:
-        return med(p[name] for p in res[mode]["phases"])
+    phase = {(m, k): med(p[k] for p in res[m]["phases"]) for m in ("sync", "async") for k in ("write", "upload")}
 
     def row(measure: str, ours: float, baseline: float | None = None, goal: str = "") -> dict[str, Any]:
         ratio = None if baseline is None else ours / baseline
@@ -235,11 +229,11 @@ def summarise(res: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         row("loop blocked per save, s (async vs sync save)", med(res["async"]["blocked"]), med(res["sync"]["total"]),
             "<= 0.05"),
-        row("write to scratch, MB/s (vs os.write+fsync)", mb / phase("sync", "write"), mb / med(res["raw_write"]),
+        row("write to scratch, MB/s (vs os.write+fsync)", mb / phase["sync", "write"], mb / med(res["raw_write"]),
             ">= 0.80"),
-        row("upload, MB/s (vs copyfile+fsync)", mb / phase("sync", "upload"), mb / med(res["plain_copy"]), ">= 0.90"),
-        row("async: write while training, MB/s", mb / phase("async", "write")),
-        row("async: upload while training, MB/s", mb / phase("async", "upload")),
+        row("upload, MB/s (vs copyfile+fsync)", mb / phase["sync", "upload"], mb / med(res["plain_copy"]), ">= 0.90"),
+        row("async: write while training, MB/s", mb / phase["async", "write"]),
+        row("async: upload while training, MB/s", mb / phase["async", "upload"]),
         row(f"restore, linked from persistent, MB/s ({res['restore_linked']:.2f} s)", mb / res["restore_linked"]),
         row(f"restore, from scratch copy, MB/s ({res['restore_scratch']:.2f} s)", mb / res["restore_scratch"]),
     ]
@@ -269,11 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="more config overrides, e.g. checkpoint.streams=2")
     args = parser.parse_args(argv)
     if args.worker:
-        _worker(Path(args.worker))
+        _worker(args.worker)
         return 0
 
     from hpc.config import ConfigError, compose
-    from hpc.train.model import count_params
 
     overrides = [*STATE, f"strategy={args.strategy}", *args.overrides]
     try:
@@ -291,13 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     rows, seconds = summarise(res), time.perf_counter() - started
-    print(f"state: {res['sync']['bytes'] / 1e6:.1f} MB ({count_params(cfg.model) / 1e6:.1f} M params + AdamW) in "
+    print(f"state: {res['sync']['bytes'] / 1e6:.1f} MB ({res['params'] / 1e6:.1f} M params + AdamW) in "
           f"{len(res['files'])} files; strategy {args.strategy}, world {args.world}, {args.saves} saves per mode, "
           f"streams {cfg.checkpoint.streams}; workdir {work}{' (kept)' if args.keep else ''}")
     print(format_table(rows))
     print(f"restored state equals the saved one: linked {res['restore_linked_equal']}, scratch "
-          f"{res['restore_scratch_equal']}. Reads may come from the page cache (not droppable without root); "
-          f"writes are fsynced. Took {seconds:.0f} s.")
+          f"{res['restore_scratch_equal']}; reads may come from the page cache. Took {seconds:.0f} s.")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"world": args.world, "strategy": args.strategy, "saves": args.saves, "steps": args.steps,

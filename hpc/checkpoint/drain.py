@@ -26,11 +26,12 @@ T = TypeVar("T")
 
 def with_retries(what: str, fn: Callable[[], T], *, retries: int, backoff_s: float,
                  sleep: Callable[[float], None] = time.sleep) -> T:
-    """fn(), tried 1 + retries times; waits backoff_s * 2**k (with jitter) between attempts."""
+    """fn(), tried 1 + retries times; waits backoff_s * 2**k (with jitter) between attempts. Any
+    Exception is retried: fsspec backends raise their own types for transient HTTP errors."""
     for attempt in range(retries + 1):
         try:
             return fn()
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001
             if attempt == retries:
                 raise
             wait = backoff_s * 2 ** attempt * (0.5 + random.random())
@@ -112,7 +113,9 @@ def verify_checksums(storage: Storage, step: int, entries: dict[str, FileEntry],
     """Read the named files at the persistent location; the first problem, or None."""
     for name in names:
         size, checksum = storage.checksum(f"{step_dir(step)}/{name}")
-        if checksum != entries[name].checksum or size != entries[name].size:
+        if size != entries[name].size:
+            return f"file {name} has {size} bytes, the manifest says {entries[name].size}"
+        if checksum != entries[name].checksum:
             return f"file {name}: checksum {checksum}, the manifest says {entries[name].checksum}"
     return None
 

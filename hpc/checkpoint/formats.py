@@ -139,9 +139,8 @@ class StateFormat:
         writer = _dcp_writer(folder, self.streams, step, rank)
         state = self._dcp_state()
         if not self.async_save or not dist.is_initialized():
-            dcp.save(state, storage_writer=writer, process_group=self.group,
-                     no_dist=not dist.is_initialized())
-            return _done()
+            return _done(dcp.save(state, storage_writer=writer, process_group=self.group,
+                                  no_dist=not dist.is_initialized()))
         # Its own gloo group: DCP's planning collectives run in a background thread while the
         # loop's own collectives go on; on the default group the two interleave and corrupt each
         # other (../shared/notes: "Received data size doesn't match expected size").

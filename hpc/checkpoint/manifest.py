@@ -70,6 +70,10 @@ class Manifest:
         if body.get("version") != FORMAT_VERSION:
             raise ValueError(f"manifest version {body.get('version')}, this code reads {FORMAT_VERSION}")
         body["files"] = [FileEntry(**f) for f in body["files"]]
+        for entry in body["files"]:
+            # Names are joined to local folders and deleted there: never outside the step folder.
+            if entry.name.startswith("/") or ".." in entry.name.split("/") or not entry.name:
+                raise ValueError(f"file name {entry.name!r} leaves the step folder")
         return cls(**body)
 
 
@@ -80,13 +84,15 @@ class Candidate:
     step: int
     manifest: Manifest | None
     problem: str | None = None
+    has_manifest: bool = True
+    """False: never committed (an interrupted save), not a broken checkpoint."""
 
 
 def read_manifest(storage: Storage, step: int) -> Candidate:
     """The step's manifest, checked for shape and file sizes (cheap); checksums come later."""
     raw = storage.read_bytes(f"{step_dir(step)}/{MANIFEST}")
     if raw is None:
-        return Candidate(step, None, "no manifest: the save never committed (interrupted?)")
+        return Candidate(step, None, "no manifest: the save never committed (interrupted?)", has_manifest=False)
     try:
         manifest = Manifest.from_json(raw)
     except (ValueError, TypeError, KeyError) as err:

@@ -39,8 +39,9 @@ def check_space(cfg: Config, storage: Storage, scratch: Path, num_nodes: int, *,
     one = estimate_bytes(cfg)
     margin = cfg.checkpoint.space_margin
     if drainer:
-        # A node holds its share of the step being written and of the newest committed one.
-        need = 2 * one / num_nodes * margin
+        # A node holds its share of the step being written and of the newest committed one; from
+        # an object store, a resume first downloads the whole step to every node.
+        need = (2 * one / num_nodes + (one if storage.local_path("") is None else 0)) * margin
         free = _free(scratch)
         if free < need:
             return (f"node-local scratch {scratch} has {_gb(free)} free; checkpoints need {_gb(need)} "

@@ -103,6 +103,7 @@ class LocalStorage:
         with open(local, "rb", buffering=0) as src, open(dst, "wb", buffering=0) as out:
             size, checksum = copy_stream(src, out, on_bytes)
             os.fsync(out.fileno())  # the manifest may only promise bytes that are on disk
+        _fsync_dir(dst.parent)  # and the file's name in its (maybe new) folder
         return FileEntry(name, size, checksum)
 
     def get(self, name: str, local: Path) -> FileEntry:
