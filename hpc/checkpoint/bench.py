@@ -1,8 +1,7 @@
 """Checkpoint benchmark: `python -m hpc.checkpoint.bench` prints a table and writes JSON.
 
-`--world` local ranks (gloo on CPU) train a model with a few hundred MB of state (weights + AdamW)
-and save it `--saves` times per mode; each phase is set against the plainest code moving the same
-bytes on the same disk (medians):
+`--world` ranks (gloo, CPU) train a model with a few hundred MB of state (weights + AdamW), save it
+`--saves` times per mode, and set each phase (median) against the plainest code moving the same bytes:
 
   blocked  the loop's time in an async save() (training runs while it writes; each save is waited
            for before the next, untimed) vs a sync save (async_save=false: save() + wait())
@@ -10,9 +9,10 @@ bytes on the same disk (medians):
            sizes, each rank its own, checkpoint.streams threads, in the same parent folder
   upload   bytes / upload phase of the sync saves vs shutil.copyfile + fsync of those raw files,
            checkpoint.streams at a time (so both copy files written a moment before)
-  restore  Checkpointer.restore() into a fresh engine, files linked from persistent / from scratch
-Baselines run right after their save (virtual disks are slow on fresh blocks); writes are fsynced,
-reads may come from the page cache (dropping it needs root).
+  restore  Checkpointer.restore() into fresh engines: linked from persistent, from scratch (and the
+           first restore of the process, which also pays one-time costs)
+Baselines follow as many training steps as their save (idle memory is slow on some VMs); reads may
+come from the page cache (dropping it needs root).
 
     python -m hpc.checkpoint.bench --world 2 --saves 3 --strategy fsdp_full_shard
 """
@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hpc.bench import BASE
 
@@ -57,8 +57,7 @@ def _gather(value: Any) -> list[Any]:
     return out
 
 
-def _timed(fn: Callable[[], Any]) -> float:
-    """Seconds of fn() on the slowest rank, all ranks starting together."""
+def _timed(fn: Callable[[], Any]) -> float:  # seconds of fn() on the slowest rank, all starting together
     _gather(None)  # a barrier
     started = time.perf_counter()
     fn()
@@ -73,7 +72,7 @@ def _saves(cfg: Any, world: Any, engine: Any, batches: Any, folder: Path, saves:
 
     ckpt = Checkpointer(cfg, world, location=str(folder / "persistent"), scratch=folder / "scratch",
                         config_yaml=to_yaml(cfg))
-    ckpt.restore(engine, batches)  # resume=never: checks free space, sets up the format
+    ckpt.restore(engine, batches)  # resume=never: checks free space and sets up the format
     blocked, total, phases, step = [], [], [], 0
     for _ in range(saves):
         _train(engine, batches, steps)
@@ -92,8 +91,7 @@ def _saves(cfg: Any, world: Any, engine: Any, batches: Any, folder: Path, saves:
     return {"blocked": blocked, "total": total, "phases": phases, "bytes": outcome.bytes}
 
 
-def _raw_write(files: dict[str, int], folder: Path, streams: int) -> None:
-    """Files of these names and sizes written with os.write and fsynced, `streams` at a time."""
+def _raw_write(files: dict[str, int], folder: Path, streams: int) -> None:  # os.write + fsync, `streams` at a time
     data = memoryview(os.urandom(min(max(files.values(), default=0), 8 << 20)))  # written 8 MiB at a time
 
     def one(name: str) -> None:
@@ -108,8 +106,7 @@ def _raw_write(files: dict[str, int], folder: Path, streams: int) -> None:
         list(pool.map(one, files))
 
 
-def _copy(src: Path, names: list[str], dst: Path, streams: int) -> None:
-    """shutil.copyfile of every file, each destination fsynced, `streams` at a time."""
+def _copy(src: Path, names: list[str], dst: Path, streams: int) -> None:  # copyfile + fsync, `streams` at a time
     def one(name: str) -> None:
         (dst / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / name, dst / name)
@@ -120,7 +117,7 @@ def _copy(src: Path, names: list[str], dst: Path, streams: int) -> None:
         list(pool.map(one, names))
 
 
-def _worker(spec_json: str) -> None:
+def _worker(spec_json: str) -> NoReturn:
     import torch.distributed as dist
 
     from hpc.checkpoint.checkpointer import Checkpointer
@@ -153,32 +150,36 @@ def _worker(spec_json: str) -> None:
     if world.rank == 0:
         shutil.rmtree(work / "async")
 
+    saved: list[Any] = []  # the parameters the last save holds (FSDP: this rank's shards)
+
     def baselines(scratch: Path) -> None:
+        saved[:] = [getattr(p, "to_local", lambda: p)().detach().clone() for p in engine.module.parameters()]
+        _train(engine, batches, steps)  # as before each save (some VMs make memory idle a while slow)
         names = local_files(scratch)
         res["files"] = {name: (scratch / name).stat().st_size for name in names}
-        # Each rank writes its own shards (`__R_i.distcp`) and RNG file (`rng/rank-R.pt`); rank 0 the rest.
-        owner = {name: int(m[1]) if (m := re.match(r"(?:__|rng/rank-)(\d+)", name)) else 0 for name in names}
+        # Each rank writes its own shards (DCP `__R_i.distcp`, DeepSpeed `zero_pp_rank_R_...`) and `rng/rank-R.pt`.
+        owner = {n: int(m[1]) if (m := re.match(r"(?:__|rng/rank-|zero_pp_rank_)(\d+)", n)) else 0 for n in names}
         mine = {name: size for name, size in res["files"].items() if owner[name] == world.rank}
         res["raw_write"].append(_timed(lambda: _raw_write(mine, work / "raw", streams)))
         # Copied right after they were written, as the upload copies the files DCP just wrote.
         res["plain_copy"].append(_timed(lambda: world.rank == 0 and _copy(work / "raw", names, work / "copy", streams)))
-        dist.barrier()
         for name in ("raw", "copy") if world.rank == 0 else ():
             shutil.rmtree(work / name)
 
     sync_cfg = config("checkpoint.resume=never", "checkpoint.async_save=false")
     res["sync"] = _saves(sync_cfg, world, engine, batches, work / "sync", saves, steps, after=baselines)
 
-    # Restore into a fresh engine (as a restarted job does): files linked from persistent, then from scratch.
-    for label, scratch in (("restore_linked", work / "restore"), ("restore_scratch", work / "sync" / "scratch")):
+    # Restores into fresh engines, as a restarted job does; the first in a process also pays one-time costs.
+    res["restore"], res["restore_equal"] = {}, {}
+    for label, scratch in (("first", work / "sync" / "scratch"), ("linked", work / "restore"),
+                           ("scratch", work / "sync" / "scratch")):
         fresh, fresh_batches = build_engine(cfg, world), batches_of(cfg)
         ckpt = Checkpointer(config("checkpoint.async_save=false"), world, location=str(work / "sync" / "persistent"),
                             scratch=scratch, config_yaml=to_yaml(sync_cfg))
-        res[label] = _timed(lambda: ckpt.restore(fresh, fresh_batches))
+        res["restore"][label] = _timed(lambda: ckpt.restore(fresh, fresh_batches))
         ckpt.close()
-        same = all(getattr(a, "to_local", lambda: a)().equal(getattr(b, "to_local", lambda: b)())
-                   for a, b in zip(engine.module.parameters(), fresh.module.parameters()))
-        res[f"{label}_equal"] = all(_gather(same))
+        same = all(a.equal(getattr(b, "to_local", lambda: b)()) for a, b in zip(saved, fresh.module.parameters()))
+        res["restore_equal"][label] = all(_gather(same))
         fresh.close()
     if world.rank == 0:
         Path(spec["out"]).write_text(json.dumps(res))
@@ -195,9 +196,8 @@ def _spawn(world_size: int, spec: dict[str, Any], work: Path, timeout_s: float) 
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                   LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   TMPDIR=str(work), PYTHONPATH=str(repo))
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_PORT=str(port),
+                   LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", TMPDIR=str(work), PYTHONPATH=str(repo))
         logs.append(work / f"rank{rank}.log")
         with logs[-1].open("w") as log:
             procs.append(subprocess.Popen([sys.executable, "-m", "hpc.checkpoint.bench", "--worker", json.dumps(spec)],
@@ -220,6 +220,7 @@ def summarise(res: dict[str, Any]) -> list[dict[str, Any]]:
     """Table rows: measure, ours, baseline, ratio = ours / baseline, goal, met."""
     mb, med = res["sync"]["bytes"] / 1e6, statistics.median
     phase = {(m, k): med(p[k] for p in res[m]["phases"]) for m in ("sync", "async") for k in ("write", "upload")}
+    raw, copy, sync = mb / med(res["raw_write"]), mb / med(res["plain_copy"]), med(res["sync"]["total"])
 
     def row(measure: str, ours: float, baseline: float | None = None, goal: str = "") -> dict[str, Any]:
         ratio = None if baseline is None else ours / baseline
@@ -227,15 +228,13 @@ def summarise(res: dict[str, Any]) -> list[dict[str, Any]]:
         return {"measure": measure, "ours": ours, "baseline": baseline, "ratio": ratio, "goal": goal, "met": met}
 
     return [
-        row("loop blocked per save, s (async vs sync save)", med(res["async"]["blocked"]), med(res["sync"]["total"]),
-            "<= 0.05"),
-        row("write to scratch, MB/s (vs os.write+fsync)", mb / phase["sync", "write"], mb / med(res["raw_write"]),
-            ">= 0.80"),
-        row("upload, MB/s (vs copyfile+fsync)", mb / phase["sync", "upload"], mb / med(res["plain_copy"]), ">= 0.90"),
+        row("loop blocked per save, s (async vs sync save)", med(res["async"]["blocked"]), sync, "<= 0.05"),
+        row("write to scratch, MB/s (vs os.write+fsync)", mb / phase["sync", "write"], raw, ">= 0.80"),
+        row("upload, MB/s (vs copyfile+fsync)", mb / phase["sync", "upload"], copy, ">= 0.90"),
         row("async: write while training, MB/s", mb / phase["async", "write"]),
         row("async: upload while training, MB/s", mb / phase["async", "upload"]),
-        row(f"restore, linked from persistent, MB/s ({res['restore_linked']:.2f} s)", mb / res["restore_linked"]),
-        row(f"restore, from scratch copy, MB/s ({res['restore_scratch']:.2f} s)", mb / res["restore_scratch"]),
+        *(row(f"restore, {what}, MB/s ({res['restore'][k]:.2f} s)", mb / res["restore"][k]) for k, what in (
+            ("first", "1st in process, scratch"), ("linked", "linked from persistent"), ("scratch", "from scratch"))),
     ]
 
 
@@ -264,7 +263,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         _worker(args.worker)
-        return 0
 
     from hpc.config import ConfigError, compose
 
@@ -288,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(res['files'])} files; strategy {args.strategy}, world {args.world}, {args.saves} saves per mode, "
           f"streams {cfg.checkpoint.streams}; workdir {work}{' (kept)' if args.keep else ''}")
     print(format_table(rows))
-    print(f"restored state equals the saved one: linked {res['restore_linked_equal']}, scratch "
-          f"{res['restore_scratch_equal']}; reads may come from the page cache. Took {seconds:.0f} s.")
+    print(f"restored state equals the saved one: {res['restore_equal']}; reads may come from the page cache (it "
+          f"cannot be dropped without root); writes are fsynced. Took {seconds:.0f} s.")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"world": args.world, "strategy": args.strategy, "saves": args.saves, "steps": args.steps,

@@ -261,7 +261,7 @@ class Checkpointer:
         if self.drainer and problem is None and fatal is None:
             mine = [name for i, name in enumerate(to_check) if i % self.num_nodes == self.node]
             try:
-                problem = verify_checksums(storage, candidate.step, entries, mine)
+                problem = verify_checksums(storage, candidate.step, entries, mine, streams=self.ckpt.streams)
             except FileNotFoundError as err:
                 problem = str(err)
             except Exception as err:  # noqa: BLE001
@@ -487,3 +487,6 @@ class Checkpointer:
             self.wait()
         if self.format is not None:
             self.format.close()
+        if self.group is not None and not self.broken:
+            dist.destroy_process_group(self.group)
+            self.group = None

@@ -109,15 +109,20 @@ class ChecksumMismatch(OSError):
         super().__init__(f"file {name}: checksum {found}, the manifest says {expected}")
 
 
-def verify_checksums(storage: Storage, step: int, entries: dict[str, FileEntry], names: Iterable[str]) -> str | None:
-    """Read the named files at the persistent location; the first problem, or None."""
-    for name in names:
+def verify_checksums(storage: Storage, step: int, entries: dict[str, FileEntry], names: Iterable[str], *,
+                     streams: int = 1) -> str | None:
+    """Read the named files at the persistent location, `streams` at a time (one read stream is
+    slow on a parallel filesystem); the first problem, or None."""
+    def one(name: str) -> str | None:
         size, checksum = storage.checksum(f"{step_dir(step)}/{name}")
         if size != entries[name].size:
             return f"file {name} has {size} bytes, the manifest says {entries[name].size}"
         if checksum != entries[name].checksum:
             return f"file {name}: checksum {checksum}, the manifest says {entries[name].checksum}"
-    return None
+        return None
+
+    with ThreadPoolExecutor(max(1, streams), thread_name_prefix="hpc-verify") as pool:
+        return next((p for p in pool.map(one, list(names)) if p), None)
 
 
 def steps_to_delete(all_steps: list[int], committed: list[int], *, keep_last: int, keep_every: int,

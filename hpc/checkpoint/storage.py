@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-CHUNK = 8 << 20
+CHUNK = 1 << 20  # stays in a core's L2 cache while crc32 and write() both read it
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ def _crc_hex(crc: int) -> str:
 
 def copy_stream(src: IO[bytes], dst: IO[bytes] | None, on_bytes: Any = None) -> tuple[int, str]:
     """Copy src to dst (or only read it, when dst is None) in chunks; returns (bytes, checksum).
-    crc32 runs at ~3.5 GB/s here, so checksumming rides along a copy for free."""
+    crc32 (~3.5 GB/s on one core here) is computed in the same pass, so the bytes are read once;
+    it still costs ~0.14 s of CPU per 428 MB, about 1.2-1.3x a kernel-side copy (sendfile)."""
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     crc, size = 0, 0
