@@ -97,7 +97,6 @@ class Checkpointer:
         self.resumed_step: int | None = None
         """Never deleted by retention during this run."""
         self.last_committed: int | None = None
-        self.in_flight: int | None = None
         self.broken: str | None = None
         """Set when a checkpoint collective failed: the group is unusable, later saves refuse."""
 
@@ -354,7 +353,7 @@ class Checkpointer:
         written = self.format.save(folder, step, self.world.rank)
         blocked = time.perf_counter() - started - waited
         future: Future = Future()
-        self.pending, self.in_flight = future, step
+        self.pending = future
         meta = {"step": step, "data": data, "blocked": blocked, "waited": waited, "started": started,
                 "strategy": engine.name}
         threading.Thread(target=self._finish, args=(folder, written, meta, future), daemon=True,
@@ -470,7 +469,7 @@ class Checkpointer:
         if self.pending is None:
             return None
         outcome = self.pending.result()
-        self.pending, self.in_flight = None, None
+        self.pending = None
         self.outcomes.append(outcome)
         return outcome
 

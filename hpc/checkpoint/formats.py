@@ -12,7 +12,10 @@ Per-rank RNG states go beside either, in `rng/rank-R.pt`.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from hpc.checkpoint.manifest import CheckpointError
+from hpc.faults import ENV as FAULTS_ENV
 from hpc.faults import fault_point
 from hpc.train.strategies import Engine
 
@@ -92,21 +96,14 @@ def _dcp_writer(path: Path, streams: int, step: int, rank: int) -> Any:
     from torch.distributed.checkpoint import FileSystemWriter
 
     writer = FileSystemWriter(str(path), thread_count=streams, sync_files=True)
-    create_stream = writer.fs.create_stream
-
-    def faulty_create_stream(name: Any, mode: str) -> Any:
-        import contextlib
+    if os.environ.get(FAULTS_ENV):  # fault-injection tests only: wrap each shard file being written
+        create_stream = writer.fs.create_stream
 
         @contextlib.contextmanager
-        def opened() -> Any:
+        def faulty_create_stream(name: Any, mode: str) -> Iterator[Any]:
             with create_stream(name, mode) as stream:
                 yield _FaultyStream(stream, step, rank) if "w" in mode else stream
 
-        return opened()
-
-    import os
-
-    if os.environ.get("HPC_FAULTS"):  # fault-injection tests only
         writer.fs.create_stream = faulty_create_stream  # type: ignore[method-assign]
     return writer
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hpc.checkpoint.storage import Storage
+from hpc.checkpoint.storage import Storage, free_bytes_at
 from hpc.config import Config
 from hpc.train.model import count_params
 
@@ -18,14 +18,6 @@ def estimate_bytes(cfg: Config) -> int:
     if cfg.strategy.name == "deepspeed" and cfg.strategy.mixed_precision != "fp32":
         per_param += 2  # DeepSpeed also saves the half-precision module weights
     return count_params(cfg.model) * per_param + (1 << 20)
-
-
-def _free(path: Path) -> int:
-    import psutil
-
-    while not path.exists() and path != path.parent:
-        path = path.parent  # not created yet: ask the filesystem it will be on
-    return psutil.disk_usage(str(path)).free
 
 
 def _gb(n: float) -> str:
@@ -42,7 +34,7 @@ def check_space(cfg: Config, storage: Storage, scratch: Path, num_nodes: int, *,
         # A node holds its share of the step being written and of the newest committed one; from
         # an object store, a resume first downloads the whole step to every node.
         need = (2 * one / num_nodes + (one if storage.local_path("") is None else 0)) * margin
-        free = _free(scratch)
+        free = free_bytes_at(scratch)
         if free < need:
             return (f"node-local scratch {scratch} has {_gb(free)} free; checkpoints need {_gb(need)} "
                     f"there (2 steps x {_gb(one / num_nodes)} per node x margin {margin}). HINT: free "

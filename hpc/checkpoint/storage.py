@@ -158,12 +158,16 @@ class LocalStorage:
         return self._path(name)
 
     def free_bytes(self) -> int | None:
-        import psutil
+        return free_bytes_at(self.root)
 
-        probe = self.root
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent  # the root may not exist yet: ask the filesystem it will be on
-        return psutil.disk_usage(str(probe)).free
+
+def free_bytes_at(path: Path) -> int:
+    """Free space on the filesystem `path` is (or, when it does not exist yet, will be) on."""
+    import psutil
+
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return psutil.disk_usage(str(path)).free
 
 
 def _fsync_dir(path: Path) -> None:
