@@ -1,7 +1,8 @@
 """Sharded checkpoints: staged on node-local scratch, drained to persistent storage, committed by a
 manifest written last, resumed from the newest step that verifies.
 
-    checkpointer  the pipeline the trainer calls (restore, save, finish)
+    checkpointer  the pipeline the trainer calls: save, drain, commit, retention
+    restore       which step to resume, a verified copy on every node, loading it
     formats       engine state <-> files: DCP (DDP, FSDP) or DeepSpeed's own
     manifest      the commit protocol and discovery of committed steps
     drain         upload, staging a step for resume, retention

@@ -17,6 +17,10 @@ from hpc.checkpoint.storage import FileEntry, Storage
 log = logging.getLogger("hpc")
 
 MANIFEST = "manifest.json"
+RETIRED = "manifest.retired.json"
+"""A manifest set aside when an older step was resumed explicitly: that step no longer counts."""
+CONFIG_FILE = "config.yaml"
+TRAINER_FILE = "trainer.json"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
