@@ -29,6 +29,7 @@ from hpc.checkpoint.storage import Storage, open_storage
 from hpc.config import Config
 from hpc.config.schema import CheckpointConfig
 from hpc.train.data import GlobalBatches
+from hpc.train.loop import seed_rank_streams
 from hpc.train.strategies import Engine, World
 
 log = logging.getLogger("hpc")
@@ -232,9 +233,12 @@ class Restore:
         self.format.load(view, manifest.world_size)
         if manifest.world_size == self.world.world_size:
             load_rng(view, self.world.rank)
-        elif self.world.rank == 0:
-            log.warning("saved at world size %d, now %d: random states start afresh (model, optimizer "
-                        "and data position are resharded exactly)", manifest.world_size, self.world.world_size)
+        else:
+            seed_rank_streams(self.cfg.train.seed, self.world.rank, step=candidate.step)
+            if self.world.rank == 0:
+                log.warning("saved at world size %d, now %d: random states are seeded afresh for step %d "
+                            "(model, optimizer and data position are resharded exactly)",
+                            manifest.world_size, self.world.world_size, candidate.step)
         batches.load_state_dict(manifest.data)
         self.resumed_step = self.last_committed = candidate.step
         if self.world.rank == 0:

@@ -78,12 +78,14 @@ def _agree(loss: torch.Tensor, want_stop: bool, world_size: int) -> tuple[float,
     return float(packed[0]) / world_size, bool(packed[1] > 0)
 
 
-def _seed_this_rank(seed: int, rank: int) -> None:
+def seed_rank_streams(seed: int, rank: int, step: int = 0) -> None:
     """Python, numpy and torch random streams start from the seed (not from the OS), distinct per
-    rank, so that a run and its resumed twin draw the same numbers (checkpoints restore them)."""
-    random.seed(seed * 1_000_003 + rank)
-    np.random.seed((seed * 1_000_003 + rank) % 2**32)
-    torch.manual_seed(seed * 1_000_003 + rank)
+    rank and per starting step, so that a run and its resumed twin draw the same numbers
+    (checkpoints restore them) and a resume that cannot restore them does not repeat step 0's."""
+    value = (seed * 1_000_003 + step) * 65_537 + rank
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)
 
 
 def train(cfg: Config, world: World, *, run_dir: Path | None = None,
@@ -105,7 +107,7 @@ def train(cfg: Config, world: World, *, run_dir: Path | None = None,
                  engine.name, sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()) / 1e6,
                  engine.local_param_bytes() / 1e6, batches.global_batch_size, train_cfg.seq_len)
 
-    _seed_this_rank(train_cfg.seed, world.rank)
+    seed_rank_streams(train_cfg.seed, world.rank)
     step = checkpoints.restore(engine, batches) if checkpoints is not None else 0
     result.start_step = step
     while step < train_cfg.max_steps:
