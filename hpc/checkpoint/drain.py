@@ -51,8 +51,10 @@ def upload_step(folder: Path, storage: Storage, step: int, *, streams: int, retr
     prefix = step_dir(step)
 
     def one(name: str) -> FileEntry:
+        size = (folder / name).stat().st_size  # once, not per chunk
+
         def on_bytes(done: int) -> None:
-            if done >= (1 << 20) or done == (folder / name).stat().st_size:
+            if done >= (1 << 20) or done == size:  # partway through the file (fault tests)
                 fault_point("upload", step=step, rank=rank)
 
         entry = with_retries(f"upload {folder / name} -> {storage.url}/{prefix}/{name}",

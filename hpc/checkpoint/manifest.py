@@ -118,17 +118,21 @@ def list_steps(storage: Storage) -> list[int]:
     return sorted((s for s in steps if s is not None), reverse=True)
 
 
-def committed(storage: Storage, *, warn: bool = True) -> list[Candidate]:
-    """Steps whose manifest reads and whose files have the listed sizes, newest first; others are
-    reported (once, by the caller's rank) and left out."""
-    found = []
-    for step in list_steps(storage):
-        candidate = read_manifest(storage, step)
-        if candidate.problem is None:
-            found.append(candidate)
-        elif warn:
-            log.warning("checkpoint %s/%s skipped: %s", storage.url, step_dir(step), candidate.problem)
+def scan(storage: Storage, *, warn: bool = True) -> list[Candidate]:
+    """Every step folder, newest first, with its manifest checked for shape and file sizes; the
+    ones with a problem are reported (once, by the caller's rank)."""
+    found = [read_manifest(storage, step) for step in list_steps(storage)]
+    if warn:
+        for candidate in found:
+            if candidate.problem:
+                log.warning("checkpoint %s/%s skipped: %s", storage.url, step_dir(candidate.step),
+                            candidate.problem)
     return found
+
+
+def committed(storage: Storage, *, warn: bool = True) -> list[Candidate]:
+    """Steps whose manifest reads and whose files have the listed sizes, newest first."""
+    return [c for c in scan(storage, warn=warn) if c.problem is None]
 
 
 def config_hash(config_yaml: str) -> str:

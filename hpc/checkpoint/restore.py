@@ -19,9 +19,9 @@ from hpc.checkpoint.manifest import (
     CheckpointError,
     changed_keys,
     committed,
-    list_steps,
     parse_step_dir,
     read_manifest,
+    scan,
     step_dir,
 )
 from hpc.checkpoint.space import check_space
@@ -150,11 +150,7 @@ class Restore:
         """Committed steps to try, newest first, and the committed ones already known broken."""
         found: Any = None
         if self.world.rank == 0:
-            steps = list_steps(storage) if only is None else [only]
-            read = [read_manifest(storage, step) for step in steps]
-            for c in read:
-                if c.problem and only is None:
-                    log.warning("checkpoint %s/%s skipped: %s", storage.url, step_dir(c.step), c.problem)
+            read = scan(storage) if only is None else [read_manifest(storage, only)]
             if only is not None and read[0].problem:
                 found = CheckpointError(f"checkpoint.resume: {storage.url}/{step_dir(only)} is not a "
                                         f"committed checkpoint: {read[0].problem}")
