@@ -1,7 +1,7 @@
 """The job's entry point inside the allocation: one call per rank (started by srun or submitit).
 
-Order: who am I -> check what can be checked alone -> where do we meet -> join the process group
--> preflight -> train -> leave.
+Order: who am I -> take over the signals -> check what can be checked alone -> where do we meet
+-> join the process group -> preflight -> train -> requeue or leave.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import atexit
 import logging
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,12 +33,35 @@ def _setup_logging(env: JobEnv) -> None:
 
 def main(cfg: Config, run_dir: str) -> dict[str, Any]:
     """Run this rank's part of the job; rank 0's return value is the job's result."""
+    from hpc.requeue.supervisor import Supervisor
+
     started = time.perf_counter()
     env = detect()
     _setup_logging(env)
+    # First: from here on the warning signal and SIGTERM only set a flag (and submitit's handlers,
+    # which save and requeue from inside the handler, are out of the way).
+    supervisor = Supervisor(cfg, env, Path(run_dir))
     if env.rank == 0:
         log.info("job %s (%s), run %s, restart %d, world %d on %d node(s)", env.job_id, env.launcher,
                  run_dir, env.restart_count, env.world_size, env.num_nodes)
+    try:
+        result, ending = _run(cfg, env, supervisor, Path(run_dir))
+    except BaseException as err:
+        supervisor.failed(err)
+        raise
+    result["seconds"] = time.perf_counter() - started
+    if ending == "requeue":
+        # The commit is done and every rank let go of the others: rank 0 hands the job back to
+        # SLURM, which ends this run. No result file: a waiting client keeps waiting for the rerun.
+        if env.rank == 0:
+            supervisor.requeue_now()
+        _leave_now(0)
+    if env.launcher != "single":  # a job process, not a library call inside someone's program
+        _exit_without_teardown_after_success()
+    return result
+
+
+def _run(cfg: Config, env: JobEnv, supervisor: Any, run_dir: Path) -> tuple[dict[str, Any], str]:
     if cfg.strategy.name == "deepspeed":
         # Again here, not only at submit: the job's environment may have another DeepSpeed. Before
         # the process group, so a bad key costs seconds, not a rendezvous timeout on other ranks.
@@ -57,35 +79,35 @@ def main(cfg: Config, run_dir: str) -> dict[str, Any]:
                 log.info("preflight at %s:%d\n%s", rdzv.master_addr, rdzv.master_port, result["table"])
             log.info(result["summary"])
         result["preflight"] = result.pop("summary")
-        result.update(_train(cfg, env, rdzv, local_world, Path(run_dir)))
+        trained, ending = _train(cfg, env, rdzv, local_world, run_dir, supervisor)
+        result.update(trained)
     except BaseException:
         # No barrier: the other ranks are stuck in some other collective, and a barrier here
         # would hang until the collective timeout and then bury this error under its own.
         shutdown_process_group(barrier=False)
         raise
     shutdown_process_group()
-    result["seconds"] = time.perf_counter() - started
-    if env.launcher != "single":  # a job process, not a library call inside someone's program
-        _exit_without_teardown_after_success()
-    return result
+    return result, ending
 
 
-def _train(cfg: Config, env: JobEnv, rdzv: Any, local_world: int, run_dir: Path) -> dict[str, Any]:
+def _train(cfg: Config, env: JobEnv, rdzv: Any, local_world: int, run_dir: Path,
+           supervisor: Any) -> tuple[dict[str, Any], str]:
     from hpc.checkpoint.checkpointer import Checkpointer
     from hpc.config.compose import to_yaml
     from hpc.train.loop import train
     from hpc.train.strategies import World
 
     world = World.from_rendezvous(rdzv, local_world_size=local_world)
-    stop = threading.Event()  # set by the requeue layer's signal handling
     checkpointer = Checkpointer(cfg, world, location=cfg.checkpoint.dir or str(run_dir / "checkpoints"),
                                 scratch=scratch_path(cfg.cluster.scratch_dir, env) / "checkpoints",
                                 config_yaml=to_yaml(cfg), node_rank=env.node_rank, num_nodes=env.num_nodes,
                                 host=env.node_name, restart_count=env.restart_count)
+    supervisor.attach(checkpointer)
     try:
-        outcome = train(cfg, world, run_dir=run_dir, stop=stop, checkpoints=checkpointer)
+        outcome = train(cfg, world, run_dir=run_dir, stop=supervisor.stop, checkpoints=checkpointer)
     finally:
         checkpointer.close()
+    ending = supervisor.finish(outcome, world)
     summary = outcome.summary
     losses = outcome.losses
     resumed = f" (resumed at step {outcome.start_step})" if outcome.start_step else ""
@@ -99,7 +121,14 @@ def _train(cfg: Config, env: JobEnv, rdzv: Any, local_world: int, run_dir: Path)
         log.info(line)
     return {"summary": line, "steps": outcome.steps, "losses": losses, "train": summary,
             "stopped_early": outcome.stopped_early, "start_step": outcome.start_step,
-            "last_committed": checkpointer.last_committed}
+            "last_committed": checkpointer.last_committed, "ending": ending}, ending
+
+
+def _leave_now(status: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(status)
 
 
 def _exit_without_teardown_after_success() -> None:
@@ -116,10 +145,7 @@ def _exit_without_teardown_after_success() -> None:
         previous_hook(*exc_info)
 
     def leave() -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(1 if failed else 0)
+        _leave_now(1 if failed else 0)
 
     sys.excepthook = note_failure
     atexit.register(leave)

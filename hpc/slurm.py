@@ -37,8 +37,44 @@ def run(argv: Sequence[str], *, timeout_s: float = 60, check: bool = True,
     return proc.stdout
 
 
-def requeue(job_id: str) -> None:
-    run(["scontrol", "requeue", job_id])
+def requeue(job_id: str, exclude: Sequence[str] = ()) -> None:
+    """Requeue a running job; with `exclude`, the next run avoids those nodes too.
+
+    A running job's ExcNodeList cannot be changed, so: requeue it held, add the nodes to its
+    exclusions, release it (released even when the update fails: a held job waits forever)."""
+    if not exclude:
+        run(["scontrol", "requeue", job_id])
+        return
+    excluded = expand_nodelist(job_info(job_id).get("ExcNodeList", "") or "")
+    run(["scontrol", "requeuehold", job_id])
+    try:
+        nodes = ",".join(dict.fromkeys([*excluded, *exclude]))
+        run(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={nodes}"])
+    finally:
+        run(["scontrol", "release", job_id])
+
+
+def job_info(job_id: str, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`scontrol show job` as a dict (StartTime, EndTime, JobState, ExcNodeList, NodeList, ...);
+    values '(null)' become ''. Empty when SLURM no longer knows the job."""
+    out = run(["scontrol", "show", "job", "-o", job_id], check=False, env=env)
+    info: dict[str, str] = {}
+    for token in out.split():
+        key, sep, value = token.partition("=")
+        if sep and key not in info:
+            info[key] = "" if value in ("(null)", "None", "Unknown") else value
+    return info
+
+
+def usable_nodes(partition: str | None = None) -> list[str]:
+    """Nodes that could run a job now or later (not down, drained or failing)."""
+    argv = ["sinfo", "-h", "-N", "-o", "%N %t"] + (["-p", partition] if partition else [])
+    nodes = []
+    for line in run(argv).splitlines():
+        name, _, state = line.partition(" ")
+        if not any(bad in state for bad in ("down", "drain", "fail", "maint", "boot", "futr")):
+            nodes.append(name)
+    return list(dict.fromkeys(nodes))
 
 
 def job_state(job_id: str, env: Mapping[str, str] | None = None) -> str:

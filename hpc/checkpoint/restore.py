@@ -53,6 +53,7 @@ class Restore:
     format: StateFormat | None
     resumed_step: int | None
     last_committed: int | None
+    restore_window: tuple[float, float] | None = None
 
     # Provided by Checkpointer (over its own gloo group):
     def _all_gather(self, obj: Any) -> list[Any]: ...
@@ -62,6 +63,13 @@ class Restore:
 
     def restore(self, engine: Engine, batches: GlobalBatches) -> int:
         """Load the checkpoint `checkpoint.resume` names; returns the step to start from."""
+        started = time.time()
+        try:
+            return self._restore(engine, batches)
+        finally:
+            self.restore_window = (started, time.time())  # wall clock, for the requeue timeline
+
+    def _restore(self, engine: Engine, batches: GlobalBatches) -> int:
         self.format = StateFormat(engine, group=self.group, streams=self.ckpt.streams,
                                   async_save=self.ckpt.async_save)
         self._raise_any(self._setup_problem())

@@ -185,15 +185,21 @@ class RequeueConfig:
     """Signal SLURM sends ahead of the time limit (NCCL may use USR1, so USR2 by default)."""
     lead_s: int = 300
     """Seconds before the time limit that the signal arrives: at least save time plus a margin."""
+    auto_lead: bool = True
+    """Raise lead_s (never lower it) to what this run's measured saves need: at submit time for
+    SLURM's warning, and in the job as its own deadline once a save takes longer."""
     max_requeues: int = 20
-    """Requeues after time limits or preemption before the job gives up."""
+    """Requeues after time limits before the job gives up."""
+    max_preemptions: int = 50
+    """Requeues after preemption (SIGTERM, or the warning signal well before the limit)."""
     max_failures: int = 3
-    """Requeues after crashes or node failures before the job gives up."""
+    """Requeues after crashes, dead nodes or failed preflights before the job gives up."""
 
     def __post_init__(self) -> None:
         require_choice("requeue.signal", self.signal, ("USR2", "USR1"))
         require_positive("requeue.lead_s", self.lead_s, 10)
         require_positive("requeue.max_requeues", self.max_requeues, 0)
+        require_positive("requeue.max_preemptions", self.max_preemptions, 0)
         require_positive("requeue.max_failures", self.max_failures, 0)
 
 

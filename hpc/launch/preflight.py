@@ -21,7 +21,12 @@ from hpc.launch.rendezvous import Rendezvous
 
 
 class PreflightError(RuntimeError):
-    """One or more ranks failed a check; the message lists them with their hosts."""
+    """One or more ranks failed a check; the message lists them with their hosts, and `nodes` names
+    the nodes at fault (the requeue layer leaves them out of the next run)."""
+
+    def __init__(self, message: str, nodes: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.nodes = nodes
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,9 @@ def check_scratch(path: Path, rank: int) -> tuple[float, str | None]:
         return 0.0, f"scratch {path} is not writable: {err.strerror or err}"
 
 
+WORLD_PROBLEMS = ("world size ", "node(s) allocated")
+
+
 def check_world(env: JobEnv, cfg: Config) -> str | None:
     """The allocation must match what the config asked for (nodes x gpus_per_node)."""
     expected = cfg.world_size
@@ -102,8 +110,10 @@ def run_preflight(env: JobEnv, rdzv: Rendezvous, cfg: Config) -> dict[str, Any]:
     failed = [r for r in reports if r.error is not None]
     if failed:
         lines = [f"rank {r.rank} on {r.node} ({r.host}): {r.error}" for r in failed]
+        # A world-size mismatch is the allocation's fault, not a node's.
+        nodes = tuple(sorted({r.node for r in failed if not (r.error or "").startswith(WORLD_PROBLEMS)}))
         raise PreflightError(f"preflight failed on {len(failed)} of {rdzv.world_size} rank(s):\n  "
-                             + "\n  ".join(lines))
+                             + "\n  ".join(lines), nodes)
 
     # Each rank adds rank+1: the sum proves every rank took part exactly once.
     value = torch.tensor([float(rdzv.rank + 1)], device=rdzv.device)

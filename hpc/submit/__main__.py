@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from hpc.config import ConfigError, available, compose
 from hpc.config.deepspeed_check import check_at_submit
 from hpc.submit.backend import SubmitError, submit
-from hpc.submit.plan import build_plan
+from hpc.submit.lead import read_measured_lead
+from hpc.submit.plan import build_plan, run_dir_of
 
 EPILOG = """\
 examples:
@@ -48,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_list())
         return 0
     try:
-        plan = build_plan(compose(args.overrides))
+        cfg = compose(args.overrides)
+        plan = build_plan(cfg, measured_lead=read_measured_lead(run_dir_of(cfg)))
         # DeepSpeed's own parser, in the job's python (a subprocess: no torch here), before anything
         # is written or queued.
         ds_config = check_at_submit(plan.config, plan.python)

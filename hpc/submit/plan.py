@@ -14,7 +14,7 @@ from typing import Any
 
 from submitit.slurm.slurm import _make_sbatch_string  # the function submitit writes scripts with
 
-from hpc.config import Config, to_yaml
+from hpc.config import Config, ConfigError, to_yaml
 from hpc.submit.render import render_setup
 
 # The in-allocation entry point, named rather than imported: submit stays left of launch.
@@ -34,6 +34,10 @@ class Plan:
     python: str = "python3"
     """Shell command for the interpreter each rank runs."""
     entrypoint: str = ENTRYPOINT
+    lead_s: int = 300
+    """Seconds of warning SLURM gives before the time limit (requeue.lead_s, or what earlier runs of
+    this run folder measured their saves need, whichever is longer)."""
+    lead_note: str = ""
 
     @property
     def submitit_dir(self) -> Path:
@@ -58,7 +62,9 @@ class Plan:
         """What --dry-run prints: the script (or the local command) and the resolved config."""
         cfg = self.config
         head = (f"# run folder: {self.run_dir}\n# {cfg.slurm.nodes} node(s) x {cfg.slurm.gpus_per_node} "
-                f"rank(s) = world size {cfg.world_size}, executor: {self.executor}\n")
+                f"rank(s) = world size {cfg.world_size}, executor: {self.executor}\n"
+                f"# requeue warning: {cfg.requeue.signal} {self.lead_s} s before the time limit"
+                f"{f' ({self.lead_note})' if self.lead_note else ''}\n")
         if self.executor == "slurm":
             body = self.sbatch_script()
         else:
@@ -68,13 +74,13 @@ class Plan:
         return f"{head}\n{body}\n# ---- resolved config ----\n{self.config_yaml}"
 
 
-def _slurm_parameters(cfg: Config, setup: list[str]) -> dict[str, Any]:
+def _slurm_parameters(cfg: Config, setup: list[str], lead_s: int) -> dict[str, Any]:
     slurm, cluster, requeue = cfg.slurm, cfg.cluster, cfg.requeue
     extra: dict[str, Any] = {
         # Always present: requeue on node failure/preemption, output kept across requeues, and the
         # warning signal to the ranks (no 'B:': the python processes, not the batch shell, act on it).
         "requeue": True,
-        "signal": f"{requeue.signal}@{requeue.lead_s}",
+        "signal": f"{requeue.signal}@{lead_s}",
     }
     if slurm.reservation:
         extra["reservation"] = slurm.reservation
@@ -84,7 +90,7 @@ def _slurm_parameters(cfg: Config, setup: list[str]) -> dict[str, Any]:
         "time": slurm.time_min,
         "nodes": slurm.nodes,
         "ntasks_per_node": slurm.gpus_per_node,  # one rank per GPU
-        "signal_delay_s": requeue.lead_s,
+        "signal_delay_s": lead_s,
         "setup": setup,
         # One dead rank ends the step at once instead of leaving the others hung in a collective.
         "srun_args": ["--kill-on-bad-exit=1"],
@@ -109,26 +115,54 @@ def _slurm_parameters(cfg: Config, setup: list[str]) -> dict[str, Any]:
     return params
 
 
-def _local_parameters(cfg: Config, setup: list[str]) -> dict[str, Any]:
+def _local_parameters(cfg: Config, setup: list[str], lead_s: int) -> dict[str, Any]:
     return {
         "timeout_min": cfg.slurm.time_min,
         "tasks_per_node": cfg.slurm.gpus_per_node,
         "gpus_per_node": cfg.slurm.gpus_per_node if cfg.cluster.accelerator == "cuda" else 0,
-        "signal_delay_s": cfg.requeue.lead_s,
+        "signal_delay_s": lead_s,
         # The local executor joins setup lines with '&&': comments would swallow what follows.
         "setup": [line for line in setup if not line.lstrip().startswith("#")],
     }
 
 
-def build_plan(cfg: Config, *, cwd: Path | None = None, python: str | None = None) -> Plan:
-    """The plan for a composed config (pure: reads no cluster and writes no file)."""
+def lead_time(cfg: Config, measured: dict[str, Any] | None) -> tuple[int, str]:
+    """The warning lead for this submission and a note saying where it came from; an error when
+    the measured need does not fit in the time limit."""
+    lead = cfg.requeue.lead_s
+    if not measured or not cfg.requeue.auto_lead:
+        return lead, ""
+    needed = int(measured["needed_s"])
+    note = (f"earlier saves took up to {measured.get('save_s', 0):.1f} s, steps "
+            f"{measured.get('step_s', 0):.1f} s: they need {needed} s")
+    if needed <= lead:
+        return lead, note
+    if needed >= cfg.slurm.time_min * 60:
+        raise ConfigError(
+            f"this run's saves need a {needed} s warning before the time limit ({note}), but "
+            f"time={cfg.slurm.time} leaves no room to train. HINT: raise time, or set "
+            "requeue.auto_lead=false to keep requeue.lead_s")
+    return needed, f"raised from requeue.lead_s={lead}: {note}"
+
+
+def run_dir_of(cfg: Config, cwd: Path | None = None) -> Path:
+    """The run folder: run.root (relative to the working directory) / run name."""
     root = Path(cfg.run.root)
     if not root.is_absolute():
         root = (cwd or Path.cwd()) / root
-    run_dir = root / cfg.run_name
-    setup = render_setup(cfg, str(run_dir))
+    return root / cfg.run_name
+
+
+def build_plan(cfg: Config, *, cwd: Path | None = None, python: str | None = None,
+               measured_lead: dict[str, Any] | None = None) -> Plan:
+    """The plan for a composed config (pure: reads no cluster and writes no file; the measured
+    lead, if any, is read by the caller from the run folder: hpc.submit.lead)."""
+    run_dir = run_dir_of(cfg, cwd)
+    interpreter = shlex.quote(cfg.run.python or python or sys.executable)
+    setup = render_setup(cfg, str(run_dir), interpreter)
+    lead_s, note = lead_time(cfg, measured_lead)
     executor = cfg.cluster.kind
-    params = _slurm_parameters(cfg, setup) if executor == "slurm" else _local_parameters(cfg, setup)
-    interpreter = cfg.run.python or python or sys.executable
+    params = (_slurm_parameters(cfg, setup, lead_s) if executor == "slurm"
+              else _local_parameters(cfg, setup, lead_s))
     return Plan(config=cfg, run_dir=run_dir, executor=executor, parameters=params,
-                python=shlex.quote(interpreter))
+                python=interpreter, lead_s=lead_s, lead_note=note)

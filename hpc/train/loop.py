@@ -1,8 +1,8 @@
-"""The training loop. It knows the config, its place in the world and a stop event; nothing of SLURM.
+"""The training loop. It knows the config, its place in the world and a stop source; nothing of SLURM.
 
     for each step:  take this rank's micro-batches -> set the lr -> forward/backward each
                     (gradients reduced on the last only) -> clip + optimizer step
-                    -> one small all-reduce: the global loss, and whether any rank wants to stop
+                    -> one small all-reduce: the global loss, and which kinds of stop any rank saw
                     -> checkpoint when due, when stopping, and at the end
 
 Checkpointing is reached through the `Checkpoints` protocol (implemented in hpc.checkpoint; the
@@ -66,16 +66,40 @@ class TrainResult:
     """The step this run resumed at (0: a fresh start)."""
 
 
-def _agree(loss: torch.Tensor, want_stop: bool, world_size: int) -> tuple[float, bool]:
-    """Global mean loss and 'does any rank want to stop', in one all-reduce."""
-    packed = torch.stack([loss.float().cpu(), torch.tensor(float(want_stop))])
+STOP_BITS = 8
+"""Kinds of stop request the loop carries (a bitmask, see hpc.requeue.signals)."""
+
+
+class StopSource(Protocol):
+    """What the loop asks of a stop request (a threading.Event also works: one kind, bit 0)."""
+
+    def poll(self) -> int:
+        """Bits of the kinds of stop request this rank has seen; called at every step boundary."""
+
+    def agreed(self, mask: int) -> None:
+        """Every rank agreed to stop; `mask` is the OR of all ranks' bits."""
+
+
+def _poll(stop: StopSource | threading.Event | None) -> int:
+    if stop is None:
+        return 0
+    if isinstance(stop, threading.Event):
+        return int(stop.is_set())
+    return stop.poll()
+
+
+def _agree(loss: torch.Tensor, mask: int, world_size: int) -> tuple[float, int]:
+    """Global mean loss and the OR of every rank's stop bits, in one all-reduce."""
+    bits = [float(mask >> i & 1) for i in range(STOP_BITS)]
+    packed = torch.cat([loss.float().cpu().reshape(1), torch.tensor(bits)])
     if world_size > 1:
         # gloo reduces CPU tensors; NCCL needs them on the GPU.
         device = loss.device if dist.get_backend() == "nccl" else torch.device("cpu")
         packed = packed.to(device)
         dist.all_reduce(packed)
         packed = packed.cpu()
-    return float(packed[0]) / world_size, bool(packed[1] > 0)
+    agreed = sum(1 << i for i in range(STOP_BITS) if packed[1 + i] > 0)
+    return float(packed[0]) / world_size, agreed
 
 
 def seed_rank_streams(seed: int, rank: int, step: int = 0) -> None:
@@ -89,10 +113,10 @@ def seed_rank_streams(seed: int, rank: int, step: int = 0) -> None:
 
 
 def train(cfg: Config, world: World, *, run_dir: Path | None = None,
-          stop: threading.Event | None = None, engine: Engine | None = None,
+          stop: StopSource | threading.Event | None = None, engine: Engine | None = None,
           sharded_init: bool | None = None, checkpoints: Checkpoints | None = None) -> TrainResult:
-    """Train from the resumed step (or 0) to cfg.train.max_steps, or until any rank's stop event
-    is set; every rank returns at the same step."""
+    """Train from the resumed step (or 0) to cfg.train.max_steps, or until any rank's stop source
+    asks; every rank returns at the same step."""
     engine = engine or build_engine(cfg, world, sharded_init=sharded_init)
     train_cfg = cfg.train
     source = open_source(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=train_cfg.seq_len,
@@ -120,9 +144,12 @@ def train(cfg: Config, world: World, *, run_dir: Path | None = None,
             inputs, targets = inputs.to(world.device, non_blocking=True), targets.to(world.device, non_blocking=True)
             loss_sum += engine.forward_backward(inputs, targets, sync=i == len(micro_batches) - 1)
         grad_norm = engine.step()
-        want_stop = (stop is not None and stop.is_set()) or fault_point("step_end", step=step + 1,
-                                                                          rank=world.rank)
-        loss, stop_now = _agree(loss_sum / len(micro_batches), want_stop, world.world_size)
+        # A fault's stop counts as 'other' (bit 3, hpc.requeue.signals.OTHER).
+        mask = _poll(stop) | (8 if fault_point("step_end", step=step + 1, rank=world.rank) else 0)
+        loss, agreed = _agree(loss_sum / len(micro_batches), mask, world.world_size)
+        stop_now = agreed != 0
+        if stop_now and stop is not None and not isinstance(stop, threading.Event):
+            stop.agreed(agreed)
         step += 1
         meter.add(time.perf_counter() - started)
         result.losses.append(loss)

@@ -1,0 +1,105 @@
+"""`python -m hpc.requeue after-srun --status N`: the batch shell's verdict once srun returned.
+
+The ranks settle the runs they can (finished, or stopped, committed and requeued by rank 0). A run
+that ended without a word from rank 0 failed: a rank crashed or was killed, a node died, a
+preflight check failed. Then this decides, from the ranks' records (hpc.requeue.history):
+
+    permanent error (config, refused checkpoint)  -> not requeued: it would fail the same way
+    failure budget spent                          -> not requeued, with a message saying so
+    otherwise                                     -> requeued, leaving out the nodes at fault when
+                                                     SLURM can still place the job without them
+
+The next run resumes from the newest committed checkpoint (checkpoint.resume=auto on restarts).
+Runs in a bare python (no torch) on the batch node; SIGTERM is ignored while it acts, because
+SLURM may be ending the job around it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from hpc.config import from_yaml
+from hpc.requeue import history, policy
+
+
+def _last_committed(cfg, run_dir: Path) -> int | None:
+    from hpc.checkpoint.manifest import committed
+    from hpc.checkpoint.storage import open_storage
+
+    try:
+        steps = committed(open_storage(cfg.checkpoint.dir or str(run_dir / "checkpoints")), warn=False)
+    except Exception:  # the verdict must not fail on a store it only reads for the message
+        return None
+    return max((c.step for c in steps), default=None)
+
+
+def after_srun(status: int, run_dir: Path, environ: dict[str, str]) -> int:
+    from hpc import slurm
+
+    job_id, restart = environ["SLURM_JOB_ID"], int(environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    events = history.read_events(run_dir)
+    settled = history.ending(events, job_id, restart)
+    if settled is not None or status == 0:
+        return 0  # rank 0 said how this run ended (or it simply succeeded)
+    cfg = from_yaml((run_dir / "config.yaml").read_text())
+    failure = policy.diagnose(history.read_ranks(run_dir, job_id, restart), status)
+    step = _last_committed(cfg, run_dir)
+    fields = dict(job_id=job_id, restart=restart, reason=policy.FAILURE, step=step, kind=failure.kind)
+    if failure.kind == "permanent":
+        message = (f"not requeued: {failure.detail} (an error in the config or the checkpoints, which a "
+                   "rerun would meet again)")
+        history.append_event(run_dir, history.GAVE_UP, detail=message, **fields)
+        print(f"hpc: {message}", file=sys.stderr)
+        return 0
+    limits = {k: getattr(cfg.requeue, k) for k in set(policy.BUDGETS.values())}
+    decision = policy.decide(policy.FAILURE, events, job_id, limits, step=step, detail=failure.detail)
+    if not decision.requeue:
+        history.append_event(run_dir, history.GAVE_UP, detail=decision.message, **fields)
+        print(f"hpc: {decision.message}", file=sys.stderr)
+        return 0
+    exclude: tuple[str, ...] = ()
+    if failure.suspects:
+        info = slurm.job_info(job_id)
+        excluded = slurm.expand_nodelist(info.get("ExcNodeList", "") or "")
+        usable = slurm.usable_nodes(info.get("Partition") or None)
+        exclude = policy.excludable(failure.suspects, excluded, usable, int(info.get("NumNodes", "1") or 1))
+        if not exclude:
+            print(f"hpc: not excluding {', '.join(failure.suspects)}: SLURM could not place the job "
+                  "without them", file=sys.stderr)
+    history.append_event(run_dir, history.REQUEUED, detail=decision.message, excluded=list(exclude),
+                         **fields)
+    # submitit's client treats a result file as the end of the job: this run's error is not.
+    for stale in (run_dir / "submitit").glob(f"{job_id}_*_result.pkl"):
+        stale.unlink(missing_ok=True)
+    print(f"hpc: {decision.message}; requeued" + (f", excluding {', '.join(exclude)}" if exclude else ""),
+          file=sys.stderr)
+    slurm.requeue(job_id, exclude=exclude)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hpc.requeue", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    after = sub.add_parser("after-srun", help="decide about a run whose srun just returned")
+    after.add_argument("--status", type=int, required=True, help="srun's exit status")
+    after.add_argument("--run-dir", default=os.environ.get("HPC_RUN_DIR"), help="default: $HPC_RUN_DIR")
+    args = parser.parse_args(argv)
+    if not args.run_dir or "SLURM_JOB_ID" not in os.environ:
+        print("hpc.requeue after-srun: needs $HPC_RUN_DIR and a SLURM job (run it from the batch script)",
+              file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        return after_srun(args.status, Path(args.run_dir), dict(os.environ))
+    except Exception as err:  # never let the verdict mask the job's own status
+        print(f"hpc.requeue after-srun: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The run's own record of its runs, in the run folder (shared by all nodes and the login node).
+
+    requeue/history.jsonl             one JSON line per event, appended: started, requeued,
+                                      gave_up, finished (rank 0, or the batch shell after a failure)
+    requeue/ranks/<job>.<restart>/    one file per rank of one run: started, signalled, and how it
+                                      ended; a rank that left no ending died without a trace
+    requeue/lead.json                 the lead time measured saves need (hpc.submit.lead)
+
+Budgets count `requeued` events of one job id: a resubmission (a new job id) starts afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+FOLDER = "requeue"
+HISTORY = "history.jsonl"
+
+STARTED, REQUEUED, GAVE_UP, FINISHED = "started", "requeued", "gave_up", "finished"
+ENDINGS = (REQUEUED, GAVE_UP, FINISHED)
+"""Events that settle how a run ended: once one is written, nobody else decides for that run."""
+
+
+def history_path(run_dir: Path) -> Path:
+    return Path(run_dir) / FOLDER / HISTORY
+
+
+def append_event(run_dir: Path, event: str, **fields: Any) -> dict[str, Any]:
+    """Append one event (with its time) and make it durable before returning."""
+    record = {"event": event, "at": round(time.time(), 3), **fields}
+    path = history_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line  # a writer died mid-line: start afresh rather than join its torn line
+        os.write(fd, line)  # one write of one line: appends from two writers never interleave
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return record
+
+
+def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    """Every event so far, oldest first; a torn last line (a writer killed mid-write) is skipped."""
+    try:
+        text = history_path(run_dir).read_text()
+    except FileNotFoundError:
+        return []
+    events = []
+    for line in text.splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+def of_run(events: Iterable[dict[str, Any]], job_id: str, restart: int) -> list[dict[str, Any]]:
+    return [e for e in events if e.get("job_id") == job_id and e.get("restart") == restart]
+
+
+def ending(events: Iterable[dict[str, Any]], job_id: str, restart: int) -> dict[str, Any] | None:
+    """How this run ended, if anyone has said so yet."""
+    return next((e for e in of_run(events, job_id, restart) if e["event"] in ENDINGS), None)
+
+
+def write_json_atomically(path: Path, body: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(body, sort_keys=True))
+    os.replace(tmp, path)
+
+
+# ---- per rank, per run ----
+
+def ranks_dir(run_dir: Path, job_id: str, restart: int) -> Path:
+    return Path(run_dir) / FOLDER / "ranks" / f"{job_id}.{restart}"
+
+
+def read_ranks(run_dir: Path, job_id: str, restart: int) -> dict[int, dict[str, Any]]:
+    found = {}
+    for path in ranks_dir(run_dir, job_id, restart).glob("rank-*.json"):
+        try:
+            body = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        found[int(body["rank"])] = body
+    return found
+
+
+class RankRecord:
+    """This rank's file for this run. `watch(stop)` starts a thread that writes 'signalled' as soon
+    as a signal arrives, even while the main thread is stuck in a collective: after a failure, the
+    ranks that left no trace at all are the ones that died."""
+
+    def __init__(self, run_dir: Path, job_id: str, restart: int, rank: int, node: str) -> None:
+        self.path = ranks_dir(run_dir, job_id, restart) / f"rank-{rank}.json"
+        self.body: dict[str, Any] = {"rank": rank, "node": node, "host": socket.gethostname(),
+                                     "pid": os.getpid(), "started_at": round(time.time(), 3),
+                                     "status": "running", "phase": "setup"}
+        self._lock = threading.Lock()
+        self.update()
+
+    def update(self, **fields: Any) -> None:
+        with self._lock:
+            self.body.update(fields, updated_at=round(time.time(), 3))
+            try:
+                write_json_atomically(self.path, self.body)
+            except OSError:
+                pass  # a record is evidence, not a reason to fail the job
+
+    def watch(self, stop: Any, interval_s: float = 0.2) -> None:
+        from hpc.requeue.signals import TERM, WARNING
+
+        signals = (TERM, WARNING)
+
+        def run() -> None:
+            while not any(kind in stop.seen for kind in signals):
+                time.sleep(interval_s)
+            if self.body["status"] == "running":
+                self.update(status="signalled",
+                            signalled_at=round(min(stop.seen[k] for k in signals if k in stop.seen), 3))
+
+        threading.Thread(target=run, name="hpc-rank-record", daemon=True).start()

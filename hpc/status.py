@@ -1,0 +1,224 @@
+"""`python -m hpc.status RUN`: where a run stands, from its run folder and SLURM (no torch).
+
+    RUN   a run folder, or a SLURM job id (its folder is found through `scontrol show job`)
+
+Shows the job and its state, restarts by reason, the last committed checkpoint and when, the latest
+throughput, and an ETA to train.max_steps that counts the requeues still ahead. `--json` prints
+the same as one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from hpc import slurm
+from hpc.config import Config, from_yaml
+from hpc.requeue import history, policy
+from hpc.submit.lead import read_measured_lead
+
+
+class StatusError(RuntimeError):
+    pass
+
+
+def find_run_dir(target: str) -> Path:
+    path = Path(target)
+    if path.is_dir():
+        if not (path / "config.yaml").is_file():
+            raise StatusError(f"{path} is not a run folder (no config.yaml)")
+        return path
+    if not target.replace("_", "").isdigit():
+        raise StatusError(f"'{target}' is neither a run folder nor a SLURM job id")
+    try:
+        out = slurm.job_info(target).get("StdOut", "")
+    except slurm.SlurmError as err:
+        raise StatusError(f"job {target}: {err}") from None
+    # submitit writes <run folder>/submitit/<job id>_0_log.out
+    if out and Path(out).parent.name == "submitit" and (Path(out).parents[1] / "config.yaml").is_file():
+        return Path(out).parents[1]
+    raise StatusError(f"SLURM does not know job {target} (any more), or it is not an hpc job. "
+                      "HINT: pass its run folder instead")
+
+
+def _last_metrics(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    for line in reversed(lines):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    return None
+
+
+def _last_checkpoint(cfg: Config, run_dir: Path) -> dict[str, Any] | None:
+    from hpc.checkpoint.manifest import committed
+    from hpc.checkpoint.storage import open_storage
+
+    try:
+        steps = committed(open_storage(cfg.checkpoint.dir or str(run_dir / "checkpoints")), warn=False)
+    except Exception as err:  # noqa: BLE001 - the status of the rest is still worth showing
+        return {"error": f"{type(err).__name__}: {err}"}
+    if not steps:
+        return None
+    newest = max(steps, key=lambda c: c.step)
+    assert newest.manifest is not None
+    return {"step": newest.step, "saved_at": newest.manifest.saved_at}
+
+
+def _job_id(run_dir: Path, events: list[dict[str, Any]]) -> str | None:
+    pickles = sorted((run_dir / "submitit").glob("*_submitted.pkl"), key=lambda p: p.stat().st_mtime)
+    if pickles:
+        return pickles[-1].name.split("_submitted")[0]
+    return events[-1].get("job_id") if events else None
+
+
+def _job(job_id: str | None, events: list[dict[str, Any]]) -> tuple[str, float | None]:
+    """(state, end of the current run's time limit when running)."""
+    if job_id is None:
+        return "UNKNOWN", None
+    try:
+        info = slurm.job_info(job_id)
+        state = info.get("JobState") or slurm.job_state(job_id)
+    except slurm.SlurmError:
+        info, state = {}, ""
+    if state:
+        end = None
+        if state == "RUNNING":
+            try:
+                end = datetime.fromisoformat(info.get("EndTime", "")).timestamp()
+            except ValueError:
+                pass
+        return state, end
+    ends = [e for e in events if e.get("job_id") == job_id and e["event"] in history.ENDINGS]
+    return {"finished": "COMPLETED", "gave_up": "STOPPED", "requeued": "REQUEUED"}.get(
+        ends[-1]["event"] if ends else "", "UNKNOWN"), None
+
+
+def gather(run_dir: Path, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    cfg = from_yaml((run_dir / "config.yaml").read_text())
+    events = history.read_events(run_dir)
+    job_id = _job_id(run_dir, events)
+    state, ends_at = _job(job_id, events)
+    requeues = [e for e in events if e["event"] == history.REQUEUED and e.get("job_id") == job_id]
+    by_reason = Counter(e.get("reason", "?") for e in requeues)
+    starts = [e for e in events if e["event"] == history.STARTED]
+    gave_up = [e for e in events if e["event"] == history.GAVE_UP and e.get("job_id") == job_id]
+    metrics = _last_metrics(run_dir)
+    step = metrics["step"] if metrics else 0
+    out: dict[str, Any] = {
+        "run_dir": str(run_dir), "job_id": job_id, "state": state, "ends_at": ends_at,
+        "restarts": dict(by_reason), "restart_count": len(requeues),
+        "budgets": {b: {"used": policy.used(events, job_id or "", b), "limit": getattr(cfg.requeue, b)}
+                    for b in ("max_requeues", "max_preemptions", "max_failures")},
+        "excluded": sorted({n for e in requeues for n in e.get("excluded", [])}),
+        "checkpoint": _last_checkpoint(cfg, run_dir), "step": step, "max_steps": cfg.train.max_steps,
+        "tokens_per_s": metrics.get("tokens_per_s") if metrics else None,
+        "step_time_s": metrics.get("step_time_s") if metrics else None,
+        "metrics_at": metrics.get("time") if metrics else None,
+        "gave_up": gave_up[-1].get("detail") if gave_up else None,
+    }
+    restarts_s = [e["timeline"]["total"] for e in starts if (e.get("timeline") or {}).get("total")]
+    out["restart_s"] = sum(restarts_s) / len(restarts_s) if restarts_s else None
+    out["eta"] = _eta(cfg, out, now)
+    return out
+
+
+def _eta(cfg: Config, status: dict[str, Any], now: float) -> dict[str, Any] | None:
+    """Training still to do, plus the requeues the time limit will force on the way: what this run
+    can still train before its warning, then full runs of (limit - lead - restart) each."""
+    if status["step_time_s"] is None or status["step"] >= status["max_steps"]:
+        return None
+    train_s = (status["max_steps"] - status["step"]) * status["step_time_s"]
+    measured = read_measured_lead(Path(status["run_dir"])) if cfg.requeue.auto_lead else None
+    lead = max(cfg.requeue.lead_s, measured["needed_s"] if measured else 0)
+    restart_s = status["restart_s"] or 60.0
+    per_run_s = cfg.slurm.time_min * 60 - lead - restart_s
+    left_s = max(0.0, status["ends_at"] - lead - now) if status["ends_at"] else per_run_s
+    requeues = math.ceil((train_s - left_s) / per_run_s) if train_s > left_s and per_run_s > 0 else 0
+    total = train_s + requeues * restart_s
+    return {"seconds": round(total, 1), "train_s": round(train_s, 1), "requeues": requeues,
+            "restart_s": round(restart_s, 1), "at": round(now + total, 1)}
+
+
+def _ago(then: float, now: float) -> str:
+    return f"{_duration(now - then)} ago"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def _clock(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def render(status: dict[str, Any], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    lines = [f"run         {status['run_dir']}",
+             f"job         {status['job_id'] or '-'}  {status['state']}"]
+    restarts = status["restarts"]
+    text = ", ".join(f"{reason} {count}" for reason, count in sorted(restarts.items())) or "none"
+    budgets = ", ".join(f"{k} {v['used']}/{v['limit']}" for k, v in status["budgets"].items())
+    lines.append(f"restarts    {status['restart_count']} ({text}); budgets {budgets}")
+    if status["excluded"]:
+        lines.append(f"excluded    {', '.join(status['excluded'])}")
+    ckpt = status["checkpoint"]
+    if ckpt is None:
+        lines.append("checkpoint  none committed yet")
+    elif "error" in ckpt:
+        lines.append(f"checkpoint  cannot read the store: {ckpt['error']}")
+    else:
+        lines.append(f"checkpoint  step {ckpt['step']}, committed {_clock(ckpt['saved_at'])} "
+                     f"({_ago(ckpt['saved_at'], now)})")
+    progress = f"step {status['step']} of {status['max_steps']}"
+    if status["tokens_per_s"] is not None:
+        progress += (f", {status['tokens_per_s']:,.0f} tokens/s, {status['step_time_s'] * 1e3:.0f} ms/step "
+                     f"(at {_clock(status['metrics_at'])})")
+    lines.append(f"progress    {progress}")
+    eta = status["eta"]
+    if eta is not None:
+        more = (f" + {eta['requeues']} requeue(s) x ~{eta['restart_s']:.0f} s" if eta["requeues"] else "")
+        lines.append(f"eta         {_clock(eta['at'])} (in {_duration(eta['seconds'])}: "
+                     f"{_duration(eta['train_s'])} of training{more})")
+    elif status["step"] >= status["max_steps"]:
+        lines.append("eta         done")
+    if status["gave_up"]:
+        lines.append(f"stopped     {status['gave_up']}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hpc.status", description=__doc__.split("\n")[0])
+    parser.add_argument("run", help="run folder or SLURM job id")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        run_dir = find_run_dir(args.run)
+        status = gather(run_dir)
+    except (StatusError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    sys.stdout.write(json.dumps(status, indent=2) + "\n" if args.json else render(status))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
