@@ -15,3 +15,11 @@ def torch_extensions_dir() -> Path:
     path = Path(os.environ.get("TORCH_EXTENSIONS_DIR", "/var/tmp/hpc-torch-extensions"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="module")
+def cluster_env() -> dict[str, str]:
+    """Client environment for the real local SLURM cluster (fails under CI when it is down)."""
+    from slurm_jobs import client_env
+
+    return client_env()

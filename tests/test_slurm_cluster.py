@@ -6,62 +6,25 @@ Under CI (CI=true) or HPC_REQUIRE_SLURM=1 these tests fail, not skip, when the c
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from hpc import slurm
 from hpc.config import compose, from_yaml
 from hpc.submit.plan import build_plan
+from slurm_jobs import ROOT, job_id_of, submit, wait_done
 from test_train_job import STRATEGIES, check_trained
 
 pytestmark = pytest.mark.slurm
-ROOT = Path(__file__).resolve().parents[1]
-TOOL = ROOT / "tools" / "slurm_cluster.py"
-
-
-@pytest.fixture(scope="module")
-def cluster_env() -> dict[str, str]:
-    """Environment for SLURM clients; fails (CI) or skips (a laptop) when the cluster is down."""
-    status = subprocess.run([sys.executable, str(TOOL), "status"], capture_output=True, text=True)
-    if status.returncode != 0:
-        message = ("the local SLURM test cluster is not up (tools/slurm-cluster status: "
-                   f"{(status.stdout + status.stderr).strip()[-300:]}); start it with tools/slurm-cluster up")
-        if os.environ.get("CI") == "true" or os.environ.get("HPC_REQUIRE_SLURM") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    out = subprocess.run([sys.executable, str(TOOL), "env"], capture_output=True, text=True, check=True).stdout
-    env = dict(os.environ)
-    for line in out.splitlines():
-        if line.startswith("export "):
-            name, _, value = line[len("export "):].partition("=")
-            env[name] = value.strip("'\"")
-    return env
 
 
 def _submit(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hpc.submit", "cluster=testcluster", *args],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    return submit(env, *args)
 
 
-def _job_id(stdout: str) -> str:
-    line = next(line for line in stdout.splitlines() if line.startswith("submitted job "))
-    return line.split()[2]
-
-
-def _wait_done(job_id: str, env: dict[str, str], timeout_s: float = 180) -> str:
-    deadline = time.monotonic() + timeout_s
-    state = "UNKNOWN"
-    while time.monotonic() < deadline:
-        state = slurm.job_state(job_id, env=env)
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
-            return state
-        time.sleep(1)
-    return state
+_job_id, _wait_done = job_id_of, wait_done
 
 
 @pytest.mark.parametrize("gpus_per_node", [1, 2])

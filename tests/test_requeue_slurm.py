@@ -1,0 +1,170 @@
+"""Requeue end to end on the real local SLURM cluster, nodes=2 (4 ranks): time limits, preemption
+by signal, a killed rank, a node that fails its preflight, and a spent budget.
+
+The runs are tiny_cpu with a `slow@step_end` fault (each step sleeps): long enough to outlast a
+one-minute limit several times without keeping the 2 cores busy. The sleep does not touch the
+numbers, so an interrupted run must end bit for bit where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from checkpoint_jobs import assert_bitwise_equal, saved_state
+from hpc import slurm
+from slurm_jobs import SCRATCH, Run, submit, wait_for
+
+pytestmark = pytest.mark.slurm
+
+STEPS = 150
+LIMITED = ["exp=tiny_cpu", "nodes=2", f"train.max_steps={STEPS}", "train.log_every=10", "time=1",
+           "requeue.lead_s=20"]
+SLOW = "slow@step_end:ms=400"
+
+
+@pytest.fixture(scope="module")
+def limited_runs(cluster_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
+    """Two runs that need ~3x their one-minute limit, submitted together (they fill the 4 nodes):
+    one with the default budget, one with requeue.max_requeues=1."""
+    root = tmp_path_factory.mktemp("limited")
+    return {name: Run(cluster_env, root / name,
+                      submit(cluster_env, *LIMITED, f"run.root={root}", f"run.name={name}", *extra,
+                             "--no-wait", faults=SLOW))
+            for name, extra in (("timeout", []), ("budget", ["requeue.max_requeues=1"]))}
+
+
+def _timeline(run: Run) -> list[dict[str, Any]]:
+    return [e["timeline"] for e in run.events("started") if e["timeline"].get("total") is not None]
+
+
+def test_a_run_needing_several_time_limits_completes_bitwise_equal_to_an_uninterrupted_one(
+        limited_runs: dict[str, Run], cluster_env: dict[str, str], tmp_path: Path) -> None:
+    run = limited_runs["timeout"]
+    assert run.wait(600) == "COMPLETED", run.explain()
+    requeued = run.events("requeued")
+    assert len(requeued) >= 2 and {e["reason"] for e in requeued} == {"timeout"}, requeued
+    assert [e["restart"] for e in run.events("started")] == list(range(len(requeued) + 1))
+    runs = run.runs()
+    assert [r.split()[0] for r in runs] == ["REQUEUED"] * len(requeued) + ["COMPLETED"], runs
+    # One log for all runs (appended, not truncated), each run saying why it started.
+    log = run.log()
+    for k, event in enumerate(requeued, start=1):
+        assert f"resumed from step {event['step']}, restart {k}, reason: timeout" in log, run.explain()
+    assert "started at step 0, restart 0, reason: submitted" in log
+    assert run.events("finished")[-1]["step"] == STEPS
+    for timeline in _timeline(run):
+        print("signal -> training again:", json.dumps(timeline))
+
+    straight = Run(cluster_env, tmp_path / "straight",
+                   submit(cluster_env, *LIMITED, "time=5", f"run.root={tmp_path}", "run.name=straight", "--no-wait"))
+    assert straight.wait(300) == "COMPLETED", straight.explain()
+    assert not straight.events("requeued")
+    final = [saved_state(r.dir / "checkpoints" / f"step-{STEPS}", tmp_path) for r in (run, straight)]
+    assert_bitwise_equal(final[0], final[1], f"step-{STEPS}")
+    losses = [{m["step"]: m["loss"] for m in map(json.loads, (r.dir / "metrics.jsonl").read_text().splitlines())}
+              for r in (run, straight)]
+    assert all(losses[0][s] == losses[1][s] for s in losses[1]), "per-step losses differ"
+
+
+def test_a_spent_timeout_budget_stops_with_a_message_and_a_checkpoint_to_resubmit_from(
+        limited_runs: dict[str, Run], cluster_env: dict[str, str]) -> None:
+    run = limited_runs["budget"]
+    assert run.wait(600) == "FAILED", run.explain()
+    requeued, gave_up = run.events("requeued"), run.events("gave_up")
+    assert [e["reason"] for e in requeued] == ["timeout"] and len(gave_up) == 1, run.events()
+    message = gave_up[0]["detail"]
+    step = gave_up[0]["step"]
+    assert "timeout budget is spent (1 of requeue.max_requeues=1" in message, message
+    assert f"last committed checkpoint is step {step}" in message and "submit the same command again" in message
+    assert message in run.log(), run.explain()
+    assert (run.dir / "checkpoints" / f"step-{step}" / "manifest.json").is_file()
+    assert 0 < step < STEPS
+
+    again = Run(cluster_env, run.dir, submit(cluster_env, *LIMITED, "time=5", f"run.root={run.dir.parent}",
+                                             "run.name=budget", "--no-wait"))
+    assert again.job_id != run.job_id
+    assert again.wait(300) == "COMPLETED", again.explain()
+    assert f"resumed from step {step}, restart 0, reason: resubmitted" in again.log(), again.explain()
+    assert again.events("finished")[-1]["step"] == STEPS
+
+
+def test_preemption_by_usr2_then_sigterm_saves_requeues_and_completes(
+        cluster_env: dict[str, str], tmp_path: Path) -> None:
+    # A ten-minute limit: a signal this early is a preemption, not the time limit's warning.
+    run = Run(cluster_env, tmp_path / "pre",
+              submit(cluster_env, "exp=tiny_cpu", "nodes=2", "train.max_steps=100", "train.log_every=5",
+                     "time=10", f"run.root={tmp_path}", "run.name=pre", "--no-wait", faults="slow@step_end:ms=300"))
+    for number, sig in enumerate(("USR2", "TERM"), start=1):
+        wait_for(f"run {number} to train", lambda: run.step() >= 15 * number + 10 * (number - 1), 240)
+        slurm.run(["scancel", f"--signal={sig}", run.job_id], env=cluster_env)
+        wait_for(f"requeue {number}", lambda: len(run.events("requeued")) == number, 120)
+    assert run.wait(300) == "COMPLETED", run.explain()
+    requeued = run.events("requeued")
+    assert [e["reason"] for e in requeued] == ["preemption", "preemption"], requeued
+    assert [e["stop"]["signals"] for e in requeued] == ["warning signal", "SIGTERM"]
+    started = run.events("started")
+    assert [(e["restart"], e["step"]) for e in started[1:]] == [(1, requeued[0]["step"]), (2, requeued[1]["step"])]
+    assert "reason: preemption" in run.log()
+    for timeline in _timeline(run):
+        print("signal -> training again:", json.dumps(timeline))
+    status = subprocess.run([os.sys.executable, "-m", "hpc.status", run.job_id], capture_output=True, text=True,
+                            env=cluster_env, cwd=Path(__file__).resolve().parents[1])
+    assert status.returncode == 0, status.stderr
+    print(status.stdout)
+    assert "COMPLETED" in status.stdout and "preemption 2" in status.stdout and "step 100 of 100" in status.stdout
+
+
+def test_a_killed_rank_requeues_the_job_without_its_node_and_it_resumes_from_the_last_commit(
+        cluster_env: dict[str, str], tmp_path: Path) -> None:
+    run = Run(cluster_env, tmp_path / "kill",
+              submit(cluster_env, "exp=tiny_cpu", "nodes=2", "train.max_steps=60", "train.log_every=1",
+                     "checkpoint.every_steps=5", "time=10", f"run.root={tmp_path}", "run.name=kill", "--no-wait",
+                     faults="slow@step_end:ms=300"))
+    wait_for("step 12", lambda: run.step() >= 12, 240)
+    victim = run.ranks(0)[3]
+    os.kill(victim["pid"], signal.SIGKILL)  # the processes of the "nodes" all live on this machine
+    assert run.wait(300) == "COMPLETED", run.explain()
+    requeued = run.events("requeued")
+    assert len(requeued) == 1 and requeued[0]["reason"] == "failure" and requeued[0]["kind"] == "crash", requeued
+    assert requeued[0]["excluded"] == [victim["node"]]
+    assert requeued[0]["step"] >= 10 and requeued[0]["step"] % 5 == 0
+    rerun = run.events("started")[-1]
+    assert rerun["restart"] == 1 and rerun["step"] == requeued[0]["step"]
+    assert victim["node"] not in rerun["nodes"], rerun
+    assert f"resumed from step {requeued[0]['step']}, restart 1, reason: failure" in run.log()
+    assert slurm.job_info(run.job_id, env=cluster_env).get("ExcNodeList") == victim["node"]
+    assert run.events("finished")[-1]["step"] == 60
+
+
+def test_a_node_failing_its_preflight_is_left_out_of_the_rerun(cluster_env: dict[str, str], tmp_path: Path) -> None:
+    broken = SCRATCH / "n2"
+    saved = tmp_path / "n2-scratch"
+    if broken.exists():
+        broken.rename(saved)
+    broken.write_text("not a folder: this node's scratch cannot be written\n")
+    try:
+        # n4 left out from the start: SLURM places the job on the lowest free nodes, n1 and n2.
+        run = Run(cluster_env, tmp_path / "pf",
+                  submit(cluster_env, "exp=tiny_cpu", "nodes=2", "slurm.exclude=n4", f"run.root={tmp_path}",
+                         "run.name=pf", "--no-wait"))
+        assert run.wait(300) == "COMPLETED", run.explain()
+    finally:
+        broken.unlink()
+        if saved.exists():
+            saved.rename(broken)
+    requeued = run.events("requeued")
+    assert len(requeued) == 1 and requeued[0]["kind"] == "preflight", requeued
+    assert requeued[0]["excluded"] == ["n2"]
+    assert re.search(r"rank \d on n2 \(\w+\): scratch .* is not writable", run.err()), run.explain()
+    runs = run.runs()
+    assert "n2" not in slurm.expand_nodelist(runs[-1].split()[1]), runs
+    assert run.events("started")[-1]["nodes"] == slurm.expand_nodelist(runs[-1].split()[1])
+    assert set(slurm.expand_nodelist(slurm.job_info(run.job_id, env=cluster_env)["ExcNodeList"])) == {"n2", "n4"}
