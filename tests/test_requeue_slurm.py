@@ -88,6 +88,15 @@ def test_a_spent_timeout_budget_stops_with_a_message_and_a_checkpoint_to_resubmi
     assert (run.dir / "checkpoints" / f"step-{step}" / "manifest.json").is_file()
     assert 0 < step < STEPS
 
+    # The next submission's warning follows the saves measured so far (requeue.auto_lead).
+    measured = json.loads((run.dir / "requeue" / "lead.json").read_text())
+    dry = submit(cluster_env, *LIMITED, "time=5", "requeue.lead_s=10", f"run.root={run.dir.parent}",
+                 "run.name=budget", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert measured["needed_s"] > 10 and f"#SBATCH --signal=USR2@{measured['needed_s']}" in dry.stdout, dry.stdout[:1500]
+    assert "raised from requeue.lead_s=10" in dry.stdout
+    print("measured lead:", measured)
+
     again = Run(cluster_env, run.dir, submit(cluster_env, *LIMITED, "time=5", f"run.root={run.dir.parent}",
                                              "run.name=budget", "--no-wait"))
     assert again.job_id != run.job_id

@@ -111,15 +111,16 @@ def test_give_up_message_without_a_checkpoint_says_none_was_committed() -> None:
 # ---- policy.needed_lead ----
 
 def test_needed_lead_is_margin_plus_step_plus_twice_the_worst_save() -> None:
-    assert policy.needed_lead([5.0, 20.0, 10.0], step_s=10.0) == 60 + 10 + 40
+    # 15 s margin + 10 s step + 2 x 20 s (a save in flight, then the final one) = 65 -> 70
+    assert policy.needed_lead([5.0, 20.0, 10.0], step_s=10.0) == 70
 
 
 def test_needed_lead_rounds_up_to_ten_seconds() -> None:
-    assert policy.needed_lead([0.5], step_s=0.2) == 70
+    assert policy.needed_lead([0.5], step_s=0.2) == 20  # 15 + 0.2 + 1.0 = 16.2
 
 
 def test_needed_lead_without_saves_is_margin_plus_step() -> None:
-    assert policy.needed_lead([], step_s=0.0) == 60
+    assert policy.needed_lead([], step_s=0.0) == 20  # the 15 s margin, rounded up
 
 
 # ---- policy.diagnose ----

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +23,7 @@ from hpc.launch.preflight import PreflightError
 from hpc.requeue import history, policy
 from hpc.requeue.signals import DEADLINE, TERM, WARNING, StopRequest, describe
 from hpc.slurm import job_info
-from hpc.submit.lead import read_measured_lead, write_measured_lead
+from hpc.submit.lead import write_measured_lead
 
 log = logging.getLogger("hpc")
 
@@ -66,9 +67,11 @@ class Supervisor:
     # ---- start ----
 
     def _asked_lead(self) -> int:
-        """What SLURM was asked for at submit (hpc.submit.plan.lead_time, same inputs)."""
-        measured = read_measured_lead(self.run_dir) if self.cfg.requeue.auto_lead else None
-        return max(self.cfg.requeue.lead_s, int(measured["needed_s"]) if measured else 0)
+        """What SLURM was asked for at submit (the setup exports it; hpc.submit.plan.lead_time)."""
+        try:
+            return int(os.environ.get("HPC_REQUEUE_LEAD_S", ""))
+        except ValueError:
+            return self.cfg.requeue.lead_s
 
     def _learn_why_we_started(self) -> None:
         env = self.env

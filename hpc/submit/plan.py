@@ -159,8 +159,8 @@ def build_plan(cfg: Config, *, cwd: Path | None = None, python: str | None = Non
     lead, if any, is read by the caller from the run folder: hpc.submit.lead)."""
     run_dir = run_dir_of(cfg, cwd)
     interpreter = shlex.quote(cfg.run.python or python or sys.executable)
-    setup = render_setup(cfg, str(run_dir), interpreter)
     lead_s, note = lead_time(cfg, measured_lead)
+    setup = render_setup(cfg, str(run_dir), interpreter, lead_s)
     executor = cfg.cluster.kind
     params = (_slurm_parameters(cfg, setup, lead_s) if executor == "slurm"
               else _local_parameters(cfg, setup, lead_s))

@@ -31,15 +31,17 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def render_setup(cfg: Config, run_dir: str, python: str = "python3", template: str = "setup.sh.j2") -> list[str]:
-    """The setup lines the batch shell runs before srun, for this config, run folder and python
-    (a shell word, already quoted)."""
+def render_setup(cfg: Config, run_dir: str, python: str = "python3", lead_s: int | None = None,
+                 template: str = "setup.sh.j2") -> list[str]:
+    """The setup lines the batch shell runs before srun, for this config, run folder, python (a
+    shell word, already quoted) and warning lead (default requeue.lead_s)."""
     context = {
         "cluster": dataclasses.asdict(cfg.cluster),
         "nccl": dataclasses.asdict(cfg.cluster.nccl),
         "requeue": dataclasses.asdict(cfg.requeue),
         "run_dir": run_dir,
         "python": python,
+        "lead_s": cfg.requeue.lead_s if lead_s is None else lead_s,
     }
     text = _environment().get_template(template).render(**context)
     return [line for line in text.splitlines() if line.strip()]
