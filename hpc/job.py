@@ -48,13 +48,15 @@ def main(cfg: Config, run_dir: str) -> dict[str, Any]:
         result, ending = _run(cfg, env, supervisor, Path(run_dir))
     except BaseException as err:
         supervisor.failed(err)
+        if supervisor.requeue_decided and env.rank == 0:
+            supervisor.requeue_now()  # committed and decided; only letting go of the others failed
         raise
     result["seconds"] = time.perf_counter() - started
     if ending == "requeue":
         # The commit is done and every rank let go of the others: rank 0 hands the job back to
         # SLURM, which ends this run. No result file: a waiting client keeps waiting for the rerun.
-        if env.rank == 0:
-            supervisor.requeue_now()
+        if env.rank == 0 and not supervisor.requeue_now():
+            _leave_now(1)
         _leave_now(0)
     if env.launcher != "single":  # a job process, not a library call inside someone's program
         _exit_without_teardown_after_success()

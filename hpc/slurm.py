@@ -57,7 +57,9 @@ def requeue(job_id: str, exclude: Sequence[str] = ()) -> None:
 def job_info(job_id: str, env: Mapping[str, str] | None = None) -> dict[str, str]:
     """`scontrol show job` as a dict (StartTime, EndTime, JobState, ExcNodeList, NodeList, ...);
     values '(null)' become ''. Empty when SLURM no longer knows the job."""
-    out = run(["scontrol", "show", "job", "-o", job_id], check=False, env=env)
+    # Times as ISO local time whatever the user's SLURM_TIME_FORMAT says.
+    out = run(["scontrol", "show", "job", "-o", job_id], check=False,
+              env={**(os.environ if env is None else env), "SLURM_TIME_FORMAT": "standard"})
     info: dict[str, str] = {}
     for token in out.split():
         key, sep, value = token.partition("=")
@@ -134,6 +136,12 @@ def expand_nodelist(nodelist: str) -> list[str]:
 
 # ---- the job's environment, read once ----
 
+def job_id_from(environ: Mapping[str, str]) -> str:
+    """The job's id as SLURM commands take it: 'array_task' for an array task, else SLURM_JOB_ID."""
+    array = environ.get("SLURM_ARRAY_JOB_ID")
+    return f"{array}_{environ.get('SLURM_ARRAY_TASK_ID', '0')}" if array else environ["SLURM_JOB_ID"]
+
+
 @dataclass(frozen=True)
 class SlurmEnv:
     """What SLURM tells one task of a job (srun step) about itself and the allocation."""
@@ -164,9 +172,9 @@ class SlurmEnv:
         hosts = tuple(expand_nodelist(nodelist))
         world = int(environ.get("SLURM_STEP_NUM_TASKS") or need("SLURM_NTASKS"))
         nnodes = int(environ.get("SLURM_STEP_NUM_NODES") or environ.get("SLURM_NNODES") or len(hosts))
-        array = environ.get("SLURM_ARRAY_JOB_ID")
+        need("SLURM_JOB_ID")
         return cls(
-            job_id=f"{array}_{environ.get('SLURM_ARRAY_TASK_ID', '0')}" if array else need("SLURM_JOB_ID"),
+            job_id=job_id_from(environ),
             rank=int(need("SLURM_PROCID")),
             local_rank=int(need("SLURM_LOCALID")),
             world_size=world,

@@ -130,6 +130,9 @@ def gather(run_dir: Path, now: float | None = None) -> dict[str, Any]:
         "metrics_at": metrics.get("time") if metrics else None,
         "gave_up": gave_up[-1].get("detail") if gave_up else None,
     }
+    out["timelines"] = [{"restart": e["restart"], "reason": e.get("reason"), "step": e.get("step"),
+                         **e["timeline"]} for e in starts
+                        if e.get("job_id") == job_id and (e.get("timeline") or {}).get("total") is not None]
     restarts_s = [e["timeline"]["total"] for e in starts if (e.get("timeline") or {}).get("total")]
     out["restart_s"] = sum(restarts_s) / len(restarts_s) if restarts_s else None
     out["eta"] = _eta(cfg, out, now)
@@ -202,7 +205,22 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
         lines.append("eta         done")
     if status["gave_up"]:
         lines.append(f"stopped     {status['gave_up']}")
+    if status["timelines"]:
+        lines.append("")
+        lines.append(timeline_table(status["timelines"]))
     return "\n".join(lines) + "\n"
+
+
+PHASES = ("stop", "save", "commit", "scheduler_wait", "start_up", "load", "first_step", "total")
+
+
+def timeline_table(rows: list[dict[str, Any]]) -> str:
+    """Seconds from the stop request (signal, or the failure's verdict) to training again, per restart."""
+    head = ["restart", "reason", "step", *(p.replace("_", " ") for p in PHASES)]
+    body = [[str(r["restart"]), str(r["reason"]), str(r["step"]),
+             *("-" if r.get(p) is None else f"{r[p]:.2f}" for p in PHASES)] for r in rows]
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in [head, *body])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -177,3 +177,17 @@ def test_a_node_failing_its_preflight_is_left_out_of_the_rerun(cluster_env: dict
     assert "n2" not in slurm.expand_nodelist(runs[-1].split()[1]), runs
     assert run.events("started")[-1]["nodes"] == slurm.expand_nodelist(runs[-1].split()[1])
     assert set(slurm.expand_nodelist(slurm.job_info(run.job_id, env=cluster_env)["ExcNodeList"])) == {"n2", "n4"}
+
+
+def test_a_cancelled_job_saves_and_stays_cancelled(cluster_env: dict[str, str], tmp_path: Path) -> None:
+    """scancel sends SIGTERM too; the user asked the job to end, so it is not requeued."""
+    run = Run(cluster_env, tmp_path / "cancel",
+              submit(cluster_env, "exp=tiny_cpu", "nodes=2", "train.max_steps=200", "train.log_every=5",
+                     "time=10", f"run.root={tmp_path}", "run.name=cancel", "--no-wait", faults="slow@step_end:ms=300"))
+    wait_for("step 10", lambda: run.step() >= 10, 240)
+    slurm.run(["scancel", run.job_id], env=cluster_env)
+    assert run.wait(120) == "CANCELLED", run.explain()
+    wait_for("the run's last word", lambda: run.events("gave_up"), 30)
+    assert not run.events("requeued"), run.events()
+    assert "cancelled" in run.events("gave_up")[-1]["detail"]
+    assert [r.split()[0] for r in run.runs()] == ["CANCELLED"]

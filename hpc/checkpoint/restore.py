@@ -80,6 +80,8 @@ class Restore:
                 log.info("restart %d: resuming from the newest committed step, not checkpoint.resume=%s",
                          self.restart_count, mode)
             mode = "auto"
+        if mode == "never" and self.restart_count > 0:
+            mode = "auto"  # 'never' was about other runs' checkpoints; a restart continues its own
         if mode == "never":
             existing = self._broadcast([c.step for c in committed(self.storage, warn=False)]
                                        if self.world.rank == 0 else None)

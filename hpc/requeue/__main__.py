@@ -41,7 +41,7 @@ def _last_committed(cfg, run_dir: Path) -> int | None:
 def after_srun(status: int, run_dir: Path, environ: dict[str, str]) -> int:
     from hpc import slurm
 
-    job_id, restart = environ["SLURM_JOB_ID"], int(environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    job_id, restart = slurm.job_id_from(environ), int(environ.get("SLURM_RESTART_COUNT", "0") or 0)
     events = history.read_events(run_dir)
     settled = history.ending(events, job_id, restart)
     if settled is not None or status == 0:
@@ -49,21 +49,28 @@ def after_srun(status: int, run_dir: Path, environ: dict[str, str]) -> int:
     cfg = from_yaml((run_dir / "config.yaml").read_text())
     failure = policy.diagnose(history.read_ranks(run_dir, job_id, restart), status)
     step = _last_committed(cfg, run_dir)
-    fields = dict(job_id=job_id, restart=restart, reason=policy.FAILURE, step=step, kind=failure.kind)
-    if failure.kind == "permanent":
-        message = (f"not requeued: {failure.detail} (an error in the config or the checkpoints, which a "
+    state = slurm.job_info(job_id).get("JobState", "")
+    # SLURM ended this run itself: the time limit struck before the save (a timeout, budgeted as
+    # one), or someone cancelled the job (never undone from here).
+    reason = policy.TIMEOUT if state == "TIMEOUT" else policy.FAILURE
+    fields = dict(job_id=job_id, restart=restart, reason=reason, step=step, kind=failure.kind, state=state)
+    if state == "CANCELLED" or failure.kind == "permanent":
+        message = ("not requeued: the job was cancelled" if state == "CANCELLED" else
+                   f"not requeued: {failure.detail} (an error in the config or the checkpoints, which a "
                    "rerun would meet again)")
         history.append_event(run_dir, history.GAVE_UP, detail=message, **fields)
         print(f"hpc: {message}", file=sys.stderr)
         return 0
     limits = {k: getattr(cfg.requeue, k) for k in set(policy.BUDGETS.values())}
-    decision = policy.decide(policy.FAILURE, events, job_id, limits, step=step, detail=failure.detail)
+    decision = policy.decide(reason, events, job_id, limits, step=step,
+                             detail="the time limit struck before the stop was saved" if reason == policy.TIMEOUT
+                             else failure.detail)
     if not decision.requeue:
         history.append_event(run_dir, history.GAVE_UP, detail=decision.message, **fields)
         print(f"hpc: {decision.message}", file=sys.stderr)
         return 0
     exclude: tuple[str, ...] = ()
-    if failure.suspects:
+    if failure.suspects and reason == policy.FAILURE:
         info = slurm.job_info(job_id)
         excluded = slurm.expand_nodelist(info.get("ExcNodeList", "") or "")
         usable = slurm.usable_nodes(info.get("Partition") or None)

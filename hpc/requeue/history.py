@@ -70,8 +70,10 @@ def of_run(events: Iterable[dict[str, Any]], job_id: str, restart: int) -> list[
 
 
 def ending(events: Iterable[dict[str, Any]], job_id: str, restart: int) -> dict[str, Any] | None:
-    """How this run ended, if anyone has said so yet."""
-    return next((e for e in of_run(events, job_id, restart) if e["event"] in ENDINGS), None)
+    """How this run ended, if anyone has said so yet (the last word: a requeue that then failed
+    is followed by gave_up)."""
+    ends = [e for e in of_run(events, job_id, restart) if e["event"] in ENDINGS]
+    return ends[-1] if ends else None
 
 
 def write_json_atomically(path: Path, body: dict[str, Any]) -> None:
@@ -119,16 +121,22 @@ class RankRecord:
             except OSError:
                 pass  # a record is evidence, not a reason to fail the job
 
-    def watch(self, stop: Any, interval_s: float = 0.2) -> None:
-        from hpc.requeue.signals import TERM, WARNING
-
-        signals = (TERM, WARNING)
+    def watch(self, stop: Any) -> None:
+        """Write 'signalled' when the warning signal or SIGTERM arrives (see the class docstring)."""
+        fd = getattr(stop, "wakeup_fd", None)
+        if fd is None:
+            return
 
         def run() -> None:
-            while not any(kind in stop.seen for kind in signals):
-                time.sleep(interval_s)
-            if self.body["status"] == "running":
-                self.update(status="signalled",
-                            signalled_at=round(min(stop.seen[k] for k in signals if k in stop.seen), 3))
+            while True:
+                try:
+                    data = os.read(fd, 64)
+                except OSError:
+                    return
+                if not data:
+                    return
+                if any(signum in stop.signals for signum in data) and self.body["status"] == "running":
+                    self.update(status="signalled", signalled_at=round(time.time(), 3))
+                    return
 
         threading.Thread(target=run, name="hpc-rank-record", daemon=True).start()

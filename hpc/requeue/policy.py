@@ -95,9 +95,11 @@ def diagnose(records: Mapping[int, Mapping[str, Any]], status: int) -> Failure:
     if permanent:
         return Failure("permanent", _first_line(permanent[0].get("error", "")))
     bad = sorted({node for rec in errors.values() for node in rec.get("bad_nodes", [])})
-    if bad:
-        return Failure("preflight", f"preflight failed on {', '.join(bad)}", tuple(bad))
     nodes = {rec.get("node") for rec in records.values()}
+    if bad:
+        # Every node failing alike points at the config (e.g. scratch_dir), not at the nodes.
+        return Failure("preflight", f"preflight failed on {', '.join(bad)}",
+                       tuple(bad) if not nodes <= set(bad) else ())
     dead = sorted({rec["node"] for rec in records.values() if rec.get("status") == "running"})
     if dead:
         ranks = sorted(r for r, rec in records.items() if rec.get("status") == "running")

@@ -8,6 +8,7 @@ learns every kind of request any rank saw; then it calls `agreed(mask)` once.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -45,10 +46,20 @@ class StopRequest:
     on_poll: Callable[[], None] | None = None
     """Called at every poll (rank 0: recompute the deadline from new save measurements)."""
     _mask: int = 0
+    signals: tuple[int, ...] = ()
+
+    wakeup_fd: int | None = None
+    """Read end of a pipe the interpreter writes each caught signal's number to at once, from C,
+    even while the main thread is stuck in a collective (Python handlers wait for it to return)."""
 
     def install(self) -> StopRequest:
-        signal.signal(getattr(signal, "SIG" + self.warning_signal), self._on_signal)
-        signal.signal(signal.SIGTERM, self._on_signal)
+        self.signals = (getattr(signal, "SIG" + self.warning_signal), signal.SIGTERM)
+        for signum in self.signals:
+            signal.signal(signum, self._on_signal)
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        self.wakeup_fd = read
         return self
 
     def _on_signal(self, signum: int, frame: object) -> None:

@@ -30,8 +30,9 @@ log = logging.getLogger("hpc")
 STARTS = {"submitted": "a new job", "resubmitted": "a new job in an existing run folder"}
 
 
-class RequeueBudgetSpent(RuntimeError):
-    """A stop came, the checkpoint committed, and the budget for its reason allows no requeue."""
+class NotRequeued(RuntimeError):
+    """A stop came and the checkpoint committed, but the job ends here: the budget for its reason
+    is spent, or the job was cancelled."""
 
 
 def _slurm_time(text: str) -> float | None:
@@ -53,16 +54,21 @@ class Supervisor:
         self.lead = self._asked_lead()
         self.checkpointer: Any = None
         self.phase = "setup"
+        self.requeue_decided = False
         self.first_step_at: float | None = None
         self._last_poll: float | None = None
         self._step_s = 0.0
+        self._intervals: list[float] = []
         self._saves_seen = 0
         self._save_s: list[float] = []
         self.job: dict[str, str] = {}
         self.why = "submitted"
         self.previous: dict[str, Any] | None = None
         if env.rank == 0:
-            self._learn_why_we_started()
+            try:
+                self._learn_why_we_started()
+            except OSError as err:  # the run's record is bookkeeping: never a reason to stop training
+                log.warning("cannot read or write %s: %s", history.history_path(self.run_dir), err)
 
     # ---- start ----
 
@@ -101,17 +107,24 @@ class Supervisor:
 
     def _on_poll(self) -> None:
         now = time.time()
-        if self._last_poll is None:
+        first = self._last_poll is None
+        if first:
             self.phase = "train"
             self.record.update(phase="train")
             self.first_step_at = now
-            if self.env.rank == 0:
-                self._log_start()
         else:
-            self._step_s = max(self._step_s * 0.9, now - self._last_poll)  # recent worst, decaying
+            # The median of recent intervals: a step, not a step plus a blocking save.
+            self._intervals = (self._intervals + [now - self._last_poll])[-21:]
+            self._step_s = sorted(self._intervals)[len(self._intervals) // 2]
         self._last_poll = now
-        if self.env.rank == 0:
+        if self.env.rank != 0:
+            return
+        try:
+            if first:
+                self._log_start()
             self._follow_saves()
+        except OSError as err:  # bookkeeping: never a reason to stop training
+            log.warning("requeue bookkeeping in %s failed: %s", self.run_dir, err)
 
     def _log_start(self) -> None:
         step = getattr(self.checkpointer, "resumed_step", None) or 0
@@ -167,10 +180,16 @@ class Supervisor:
                                            "step_s": round(self._step_s, 3), "job_id": self.env.job_id,
                                            "at": round(time.time(), 3)})
         end = _slurm_time(self.job.get("EndTime", ""))
-        if needed > self.lead and end is not None:
-            self.stop.deadline = end - needed
-            log.info("saves take up to %.1f s: stopping %d s before the time limit (SLURM warns %d s "
-                     "before)", max(self._save_s[-5:]), needed, self.lead)
+        if needed <= self.lead or end is None or self.stop.deadline == end - needed:
+            return
+        if end - needed < time.time() + 2 * self._step_s:
+            log.warning("saves take up to %.1f s, so a stop needs %d s before the time limit, but this "
+                        "run has less left: relying on SLURM's warning (%d s). HINT: raise slurm.time",
+                        max(self._save_s[-5:]), needed, self.lead)
+            return
+        self.stop.deadline = end - needed
+        log.info("saves take up to %.1f s: stopping %d s before the time limit (SLURM warns %d s "
+                 "before)", max(self._save_s[-5:]), needed, self.lead)
 
     # ---- after the loop ----
 
@@ -179,6 +198,11 @@ class Supervisor:
         'requeue' (rank 0 then calls `requeue_now` once the ranks let go of each other)."""
         mask = self.stop.agreed_mask
         step = getattr(self.checkpointer, "last_committed", None)
+        if self.env.rank == 0:
+            try:
+                self._follow_saves()  # the last save committed after the last poll
+            except OSError as err:
+                log.warning("requeue bookkeeping in %s failed: %s", self.run_dir, err)
         if not outcome.stopped_early:
             if self.env.rank == 0:
                 history.append_event(self.run_dir, history.FINISHED, job_id=self.env.job_id,
@@ -194,9 +218,10 @@ class Supervisor:
         decision = self._broadcast(self._decide(mask, step) if self.env.rank == 0 else None, world)
         if decision.requeue:
             self.record.update(status="requeued")
+            self.requeue_decided = True
             return "requeue"
         self.record.update(status="gave_up")
-        raise RequeueBudgetSpent(decision.message)
+        raise NotRequeued(decision.message)
 
     def _decide(self, mask: int, step: int | None) -> policy.Decision:
         end = _slurm_time(self.job.get("EndTime", ""))
@@ -205,6 +230,11 @@ class Supervisor:
         limits = {k: getattr(self.cfg.requeue, k) for k in set(policy.BUDGETS.values())}
         decision = policy.decide(reason, history.read_events(self.run_dir), self.env.job_id, limits,
                                  step=step, detail=describe(mask))
+        if self._cancelled():
+            # scancel sends SIGTERM too: the user asked the job to end, not to come back.
+            decision = policy.Decision(False, reason, decision.budget, decision.used, decision.limit,
+                                       f"the job was cancelled: not requeued. The last committed "
+                                       f"checkpoint is step {step}; submit the same command to continue")
         outcomes = getattr(self.checkpointer, "outcomes", [])
         last = outcomes[-1] if outcomes and outcomes[-1].committed else None
         stop = {"signal_at": self.stop.first_seen, "agreed_at": agreed_at, "committed_at": time.time(),
@@ -219,6 +249,14 @@ class Supervisor:
             history.append_event(self.run_dir, history.GAVE_UP, **fields)
         return decision
 
+    def _cancelled(self) -> bool:
+        if self.env.launcher != "slurm":
+            return False
+        try:
+            return job_info(self.env.job_id).get("JobState") == "CANCELLED"
+        except Exception:  # noqa: BLE001 - unknown: requeue as decided
+            return False
+
     @staticmethod
     def _broadcast(decision: policy.Decision | None, world: Any) -> policy.Decision:
         if world.world_size > 1:
@@ -230,12 +268,23 @@ class Supervisor:
         assert decision is not None
         return decision
 
-    def requeue_now(self) -> None:
-        """Rank 0, last thing before leaving: SLURM ends this run and queues the next."""
-        from hpc.slurm import requeue
+    def requeue_now(self) -> bool:
+        """Rank 0, last thing before leaving: SLURM ends this run and queues the next. A refusal
+        (slurmctld unreachable, the job already ending) is recorded as the run's last word."""
+        from hpc.slurm import SlurmError, requeue
 
-        requeue(self.env.job_id)
+        try:
+            requeue(self.env.job_id)
+        except SlurmError as err:
+            step = getattr(self.checkpointer, "last_committed", None)
+            message = (f"scontrol requeue failed: {err}. The last committed checkpoint is step {step}; "
+                       "submit the same command to continue from it")
+            log.error("%s", message)
+            history.append_event(self.run_dir, history.GAVE_UP, job_id=self.env.job_id,
+                                 restart=self.env.restart_count, reason=policy.FAILURE, step=step, detail=message)
+            return False
         log.info("job %s requeued", self.env.job_id)
+        return True
 
     def failed(self, error: BaseException) -> None:
         """This rank is going down with `error`: leave the evidence for the batch shell."""
