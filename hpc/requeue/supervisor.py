@@ -165,7 +165,7 @@ class Supervisor:
         out["total"] = span(began, self.first_step_at) if prev else None
         return out
 
-    def _follow_saves(self) -> None:
+    def _follow_saves(self, arm: bool = True) -> None:
         """Rank 0: each committed save tells how much warning a stop needs; when that outgrows
         what SLURM was asked for, the job keeps its own deadline (and tells the next submit)."""
         outcomes = getattr(self.checkpointer, "outcomes", [])
@@ -180,7 +180,7 @@ class Supervisor:
                                            "step_s": round(self._step_s, 3), "job_id": self.env.job_id,
                                            "at": round(time.time(), 3)})
         end = _slurm_time(self.job.get("EndTime", ""))
-        if needed <= self.lead or end is None or self.stop.deadline == end - needed:
+        if not arm or needed <= self.lead or end is None or self.stop.deadline == end - needed:
             return
         if end - needed < time.time() + 2 * self._step_s:
             log.warning("saves take up to %.1f s, so a stop needs %d s before the time limit, but this "
@@ -200,7 +200,7 @@ class Supervisor:
         step = getattr(self.checkpointer, "last_committed", None)
         if self.env.rank == 0:
             try:
-                self._follow_saves()  # the last save committed after the last poll
+                self._follow_saves(arm=False)  # the last save committed after the last poll
             except OSError as err:
                 log.warning("requeue bookkeeping in %s failed: %s", self.run_dir, err)
         if not outcome.stopped_early:
