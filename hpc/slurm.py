@@ -54,6 +54,15 @@ def requeue(job_id: str, exclude: Sequence[str] = ()) -> None:
         run(["scontrol", "release", job_id])
 
 
+def current_state(job_id: str, env: Mapping[str, str] | None = None) -> str:
+    """The job's state as accounting has it, '' when unknown. While a job ends, `scontrol` says
+    only COMPLETING; sacct already says why (CANCELLED, TIMEOUT, PREEMPTED, ...)."""
+    try:
+        return job_state(job_id, env=env).replace("UNKNOWN", "")
+    except SlurmError:  # no accounting: scontrol's word, less precise
+        return job_info(job_id, env=env).get("JobState", "")
+
+
 def job_info(job_id: str, env: Mapping[str, str] | None = None) -> dict[str, str]:
     """`scontrol show job` as a dict (StartTime, EndTime, JobState, ExcNodeList, NodeList, ...);
     values '(null)' become ''. Empty when SLURM no longer knows the job."""

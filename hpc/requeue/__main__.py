@@ -49,7 +49,7 @@ def after_srun(status: int, run_dir: Path, environ: dict[str, str]) -> int:
     cfg = from_yaml((run_dir / "config.yaml").read_text())
     failure = policy.diagnose(history.read_ranks(run_dir, job_id, restart), status)
     step = _last_committed(cfg, run_dir)
-    state = slurm.job_info(job_id).get("JobState", "")
+    state = slurm.current_state(job_id)
     # SLURM ended this run itself: the time limit struck before the save (a timeout, budgeted as
     # one), or someone cancelled the job (never undone from here).
     reason = policy.TIMEOUT if state == "TIMEOUT" else policy.FAILURE

@@ -22,7 +22,7 @@ from hpc.launch.environment import JobEnv
 from hpc.launch.preflight import PreflightError
 from hpc.requeue import history, policy
 from hpc.requeue.signals import DEADLINE, TERM, WARNING, StopRequest, describe
-from hpc.slurm import job_info
+from hpc.slurm import current_state, job_info
 from hpc.submit.lead import write_measured_lead
 
 log = logging.getLogger("hpc")
@@ -253,7 +253,7 @@ class Supervisor:
         if self.env.launcher != "slurm":
             return False
         try:
-            return job_info(self.env.job_id).get("JobState") == "CANCELLED"
+            return current_state(self.env.job_id) == "CANCELLED"
         except Exception:  # noqa: BLE001 - unknown: requeue as decided
             return False
 
