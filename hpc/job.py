@@ -95,12 +95,13 @@ def _run(cfg: Config, env: JobEnv, supervisor: Any, run_dir: Path) -> tuple[dict
 def _train(cfg: Config, env: JobEnv, rdzv: Any, local_world: int, run_dir: Path,
            supervisor: Any) -> tuple[dict[str, Any], str]:
     from hpc.checkpoint.checkpointer import Checkpointer
+    from hpc.checkpoint.manifest import store_location
     from hpc.config.compose import to_yaml
     from hpc.train.loop import train
     from hpc.train.strategies import World
 
     world = World.from_rendezvous(rdzv, local_world_size=local_world)
-    checkpointer = Checkpointer(cfg, world, location=cfg.checkpoint.dir or str(run_dir / "checkpoints"),
+    checkpointer = Checkpointer(cfg, world, location=store_location(cfg, run_dir),
                                 scratch=scratch_path(cfg.cluster.scratch_dir, env) / "checkpoints",
                                 config_yaml=to_yaml(cfg), node_rank=env.node_rank, num_nodes=env.num_nodes,
                                 host=env.node_name, restart_count=env.restart_count)

@@ -12,6 +12,7 @@ import re
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 SLURM_COMMANDS = ("sbatch", "scontrol", "squeue", "sacct", "scancel", "sinfo", "srun")
 
@@ -75,6 +76,14 @@ def job_info(job_id: str, env: Mapping[str, str] | None = None) -> dict[str, str
         if sep and key not in info:
             info[key] = "" if value in ("(null)", "None", "Unknown") else value
     return info
+
+
+def parse_time(text: str) -> float | None:
+    """A time as `job_info` gives it (ISO local time) as a Unix time; None for none or unknown."""
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except (TypeError, ValueError):
+        return None
 
 
 def usable_nodes(partition: str | None = None) -> list[str]:

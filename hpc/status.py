@@ -16,7 +16,6 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -63,17 +62,14 @@ def _last_metrics(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _last_checkpoint(cfg: Config, run_dir: Path) -> dict[str, Any] | None:
-    from hpc.checkpoint.manifest import committed
-    from hpc.checkpoint.storage import open_storage
+    from hpc.checkpoint.manifest import newest_committed, store_location
 
     try:
-        steps = committed(open_storage(cfg.checkpoint.dir or str(run_dir / "checkpoints")), warn=False)
+        newest = newest_committed(store_location(cfg, run_dir))
     except Exception as err:  # noqa: BLE001 - the status of the rest is still worth showing
         return {"error": f"{type(err).__name__}: {err}"}
-    if not steps:
+    if newest is None or newest.manifest is None:
         return None
-    newest = max(steps, key=lambda c: c.step)
-    assert newest.manifest is not None
     return {"step": newest.step, "saved_at": newest.manifest.saved_at}
 
 
@@ -94,13 +90,7 @@ def _job(job_id: str | None, events: list[dict[str, Any]]) -> tuple[str, float |
     except slurm.SlurmError:
         info, state = {}, ""
     if state:
-        end = None
-        if state == "RUNNING":
-            try:
-                end = datetime.fromisoformat(info.get("EndTime", "")).timestamp()
-            except ValueError:
-                pass
-        return state, end
+        return state, slurm.parse_time(info.get("EndTime", "")) if state == "RUNNING" else None
     ends = [e for e in events if e.get("job_id") == job_id and e["event"] in history.ENDINGS]
     return {"finished": "COMPLETED", "gave_up": "STOPPED", "requeued": "REQUEUED"}.get(
         ends[-1]["event"] if ends else "", "UNKNOWN"), None
@@ -121,8 +111,8 @@ def gather(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "run_dir": str(run_dir), "job_id": job_id, "state": state, "ends_at": ends_at,
         "restarts": dict(by_reason), "restart_count": len(requeues),
-        "budgets": {b: {"used": policy.used(events, job_id or "", b), "limit": getattr(cfg.requeue, b)}
-                    for b in ("max_requeues", "max_preemptions", "max_failures")},
+        "budgets": {b: {"used": policy.used(events, job_id or "", b), "limit": limit}
+                    for b, limit in policy.limits(cfg.requeue).items()},
         "excluded": sorted({n for e in requeues for n in e.get("excluded", [])}),
         "checkpoint": _last_checkpoint(cfg, run_dir), "step": step, "max_steps": cfg.train.max_steps,
         "tokens_per_s": metrics.get("tokens_per_s") if metrics else None,

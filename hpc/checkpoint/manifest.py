@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from hpc.checkpoint.storage import FileEntry, Storage
+from hpc.checkpoint.storage import FileEntry, Storage, open_storage
 
 log = logging.getLogger("hpc")
 
@@ -151,3 +151,13 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
         elif a != b:
             keys.append(f"{prefix}{key}")
     return keys
+
+
+def store_location(cfg: Any, run_dir: Any) -> str:
+    """Where a run's checkpoints are committed: checkpoint.dir, else <run folder>/checkpoints."""
+    return cfg.checkpoint.dir or f"{run_dir}/checkpoints"
+
+
+def newest_committed(location: str) -> Candidate | None:
+    """The highest committed step at `location` (manifests only; files are not verified)."""
+    return max(committed(open_storage(location), warn=False), key=lambda c: c.step, default=None)

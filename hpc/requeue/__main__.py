@@ -28,14 +28,13 @@ from hpc.requeue import history, policy
 
 
 def _last_committed(cfg, run_dir: Path) -> int | None:
-    from hpc.checkpoint.manifest import committed
-    from hpc.checkpoint.storage import open_storage
+    from hpc.checkpoint.manifest import newest_committed, store_location
 
     try:
-        steps = committed(open_storage(cfg.checkpoint.dir or str(run_dir / "checkpoints")), warn=False)
+        newest = newest_committed(store_location(cfg, run_dir))
     except Exception:  # the verdict must not fail on a store it only reads for the message
         return None
-    return max((c.step for c in steps), default=None)
+    return newest.step if newest is not None else None
 
 
 def after_srun(status: int, run_dir: Path, environ: dict[str, str]) -> int:
@@ -61,8 +60,7 @@ def after_srun(status: int, run_dir: Path, environ: dict[str, str]) -> int:
         history.append_event(run_dir, history.GAVE_UP, detail=message, **fields)
         print(f"hpc: {message}", file=sys.stderr)
         return 0
-    limits = {k: getattr(cfg.requeue, k) for k in set(policy.BUDGETS.values())}
-    decision = policy.decide(reason, events, job_id, limits, step=step,
+    decision = policy.decide(reason, events, job_id, policy.limits(cfg.requeue), step=step,
                              detail="the time limit struck before the stop was saved" if reason == policy.TIMEOUT
                              else failure.detail)
     if not decision.requeue:

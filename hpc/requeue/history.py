@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from hpc.files import write_atomically
+
 FOLDER = "requeue"
 HISTORY = "history.jsonl"
 
@@ -76,13 +78,6 @@ def ending(events: Iterable[dict[str, Any]], job_id: str, restart: int) -> dict[
     return ends[-1] if ends else None
 
 
-def write_json_atomically(path: Path, body: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(body, sort_keys=True))
-    os.replace(tmp, path)
-
-
 # ---- per rank, per run ----
 
 def ranks_dir(run_dir: Path, job_id: str, restart: int) -> Path:
@@ -117,7 +112,7 @@ class RankRecord:
         with self._lock:
             self.body.update(fields, updated_at=round(time.time(), 3))
             try:
-                write_json_atomically(self.path, self.body)
+                write_atomically(self.path, json.dumps(self.body, sort_keys=True))
             except OSError:
                 pass  # a record is evidence, not a reason to fail the job
 

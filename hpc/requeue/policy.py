@@ -34,6 +34,11 @@ def stop_reason(mask: int, remaining_s: float | None, lead_s: float) -> str:
     return PREEMPTION
 
 
+def limits(requeue: Any) -> dict[str, int]:
+    """Each budget's limit from the config's RequeueConfig."""
+    return {budget: int(getattr(requeue, budget)) for budget in dict.fromkeys(BUDGETS.values())}
+
+
 def used(events: Iterable[Mapping[str, Any]], job_id: str, budget: str) -> int:
     """Requeues of this job so far that count against `budget`."""
     return sum(1 for e in events if e.get("event") == REQUEUED and e.get("job_id") == job_id

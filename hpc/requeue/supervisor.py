@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from hpc.launch.environment import JobEnv
 from hpc.launch.preflight import PreflightError
 from hpc.requeue import history, policy
 from hpc.requeue.signals import DEADLINE, TERM, WARNING, StopRequest, describe
-from hpc.slurm import current_state, job_info
+from hpc.slurm import current_state, job_info, parse_time
 from hpc.submit.lead import write_measured_lead
 
 log = logging.getLogger("hpc")
@@ -33,13 +32,6 @@ STARTS = {"submitted": "a new job", "resubmitted": "a new job in an existing run
 class NotRequeued(RuntimeError):
     """A stop came and the checkpoint committed, but the job ends here: the budget for its reason
     is spent, or the job was cancelled."""
-
-
-def _slurm_time(text: str) -> float | None:
-    try:
-        return datetime.fromisoformat(text).timestamp()  # scontrol prints local time
-    except (TypeError, ValueError):
-        return None
 
 
 class Supervisor:
@@ -144,7 +136,7 @@ class Supervisor:
         """Seconds from the previous run's stop request to this run's first step, by phase."""
         prev = self.previous or {}
         stop = prev.get("stop", {})
-        start = _slurm_time(self.job.get("StartTime", ""))
+        start = parse_time(self.job.get("StartTime", ""))
         window = getattr(self.checkpointer, "restore_window", None)
         restored_from, restored_to = window if window else (None, None)
 
@@ -179,7 +171,7 @@ class Supervisor:
         write_measured_lead(self.run_dir, {"needed_s": needed, "save_s": round(max(self._save_s[-5:]), 3),
                                            "step_s": round(self._step_s, 3), "job_id": self.env.job_id,
                                            "at": round(time.time(), 3)})
-        end = _slurm_time(self.job.get("EndTime", ""))
+        end = parse_time(self.job.get("EndTime", ""))
         if not arm or needed <= self.lead or end is None or self.stop.deadline == end - needed:
             return
         if end - needed < time.time() + 2 * self._step_s:
@@ -224,11 +216,10 @@ class Supervisor:
         raise NotRequeued(decision.message)
 
     def _decide(self, mask: int, step: int | None) -> policy.Decision:
-        end = _slurm_time(self.job.get("EndTime", ""))
+        end = parse_time(self.job.get("EndTime", ""))
         agreed_at = self.stop.agreed_at or time.time()
         reason = policy.stop_reason(mask, end - agreed_at if end else None, self.lead)
-        limits = {k: getattr(self.cfg.requeue, k) for k in set(policy.BUDGETS.values())}
-        decision = policy.decide(reason, history.read_events(self.run_dir), self.env.job_id, limits,
+        decision = policy.decide(reason, history.read_events(self.run_dir), self.env.job_id, policy.limits(self.cfg.requeue),
                                  step=step, detail=describe(mask))
         if self._cancelled():
             # scancel sends SIGTERM too: the user asked the job to end, not to come back.

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import importlib
-import os
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from hpc.config import Config
+from hpc.files import write_atomically
 from hpc.submit.plan import Plan
 
 
@@ -31,12 +30,6 @@ class Entrypoint:
 
 class SubmitError(RuntimeError):
     """The plan could not be submitted (no scheduler, sbatch refused it, ...)."""
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _executor(plan: Plan) -> Any:

@@ -8,9 +8,10 @@ longer lead is needed; the next submission of the same run folder reads it, so S
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from hpc.files import write_atomically
 
 LEAD_FILE = Path("requeue") / "lead.json"
 
@@ -25,8 +26,4 @@ def read_measured_lead(run_dir: Path) -> dict[str, Any] | None:
 
 
 def write_measured_lead(run_dir: Path, body: dict[str, Any]) -> None:
-    path = Path(run_dir) / LEAD_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(body, sort_keys=True))
-    os.replace(tmp, path)
+    write_atomically(Path(run_dir) / LEAD_FILE, json.dumps(body, sort_keys=True))
