@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,10 +24,18 @@ class SlurmError(RuntimeError):
 
 
 def run(argv: Sequence[str], *, timeout_s: float = 60, check: bool = True,
-        env: Mapping[str, str] | None = None) -> str:
-    """Run a SLURM client command and return its stdout (env: e.g. another SLURM_CONF)."""
+        env: Mapping[str, str] | None = None, shielded: bool = False) -> str:
+    """Run a SLURM client command and return its stdout (env: e.g. another SLURM_CONF).
+
+    shielded: the command ignores SIGTERM. A job that requeues itself is signalled by SLURM while
+    `scontrol requeue` is still waiting for its answer; unshielded, it dies with -15 although the
+    requeue went through."""
     if not argv or argv[0] not in SLURM_COMMANDS:
         raise ValueError(f"not a SLURM command: {argv!r}")
+    # An ignored signal stays ignored across exec (a handler would not); set in the parent, as
+    # preexec_fn is unsafe with threads running. Only the main thread may change dispositions.
+    shield = shielded and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if shield else None
     try:
         proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout_s,
                               env=None if env is None else dict(env))
@@ -33,6 +43,9 @@ def run(argv: Sequence[str], *, timeout_s: float = 60, check: bool = True,
         raise SlurmError(f"{argv[0]}: not found on PATH (is this a SLURM login node?)") from None
     except subprocess.TimeoutExpired:
         raise SlurmError(f"{' '.join(argv)}: no answer in {timeout_s:.0f} s") from None
+    finally:
+        if shield:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     if check and proc.returncode != 0:
         raise SlurmError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}")
     return proc.stdout
@@ -44,15 +57,15 @@ def requeue(job_id: str, exclude: Sequence[str] = ()) -> None:
     A running job's ExcNodeList cannot be changed, so: requeue it held, add the nodes to its
     exclusions, release it (released even when the update fails: a held job waits forever)."""
     if not exclude:
-        run(["scontrol", "requeue", job_id])
+        run(["scontrol", "requeue", job_id], shielded=True)
         return
     excluded = expand_nodelist(job_info(job_id).get("ExcNodeList", "") or "")
-    run(["scontrol", "requeuehold", job_id])
+    run(["scontrol", "requeuehold", job_id], shielded=True)
     try:
         nodes = ",".join(dict.fromkeys([*excluded, *exclude]))
-        run(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={nodes}"])
+        run(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={nodes}"], shielded=True)
     finally:
-        run(["scontrol", "release", job_id])
+        run(["scontrol", "release", job_id], shielded=True)
 
 
 def current_state(job_id: str, env: Mapping[str, str] | None = None) -> str:

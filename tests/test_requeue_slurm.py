@@ -51,6 +51,7 @@ def test_a_run_needing_several_time_limits_completes_bitwise_equal_to_an_uninter
     assert run.wait(600) == "COMPLETED", run.explain()
     requeued = run.events("requeued")
     assert len(requeued) >= 2 and {e["reason"] for e in requeued} == {"timeout"}, requeued
+    assert not run.events("gave_up"), run.events("gave_up")
     assert [e["restart"] for e in run.events("started")] == list(range(len(requeued) + 1))
     runs = run.runs()
     assert [r.split()[0] for r in runs] == ["REQUEUED"] * len(requeued) + ["COMPLETED"], runs

@@ -267,6 +267,9 @@ class Supervisor:
         try:
             requeue(self.env.job_id)
         except SlurmError as err:
+            if current_state(self.env.job_id) in ("REQUEUED", "PENDING", "REQUEUE_HOLD"):
+                log.info("job %s requeued (scontrol reported: %s)", self.env.job_id, err)
+                return True
             step = getattr(self.checkpointer, "last_committed", None)
             message = (f"scontrol requeue failed: {err}. The last committed checkpoint is step {step}; "
                        "submit the same command to continue from it")
