@@ -45,14 +45,14 @@ def main(cfg: Config, run_dir: str) -> dict[str, Any]:
         log.info("job %s (%s), run %s, restart %d, world %d on %d node(s)", env.job_id, env.launcher,
                  run_dir, env.restart_count, env.world_size, env.num_nodes)
     try:
-        result, ending = _run(cfg, env, supervisor, Path(run_dir))
+        result = _run(cfg, env, supervisor, Path(run_dir))
     except BaseException as err:
         supervisor.failed(err)
         if supervisor.requeue_decided and env.rank == 0:
             supervisor.requeue_now()  # committed and decided; only letting go of the others failed
         raise
     result["seconds"] = time.perf_counter() - started
-    if ending == "requeue":
+    if result["ending"] == "requeue":
         # The commit is done and every rank let go of the others: rank 0 hands the job back to
         # SLURM, which ends this run. No result file: a waiting client keeps waiting for the rerun.
         if env.rank == 0 and not supervisor.requeue_now():
@@ -63,7 +63,7 @@ def main(cfg: Config, run_dir: str) -> dict[str, Any]:
     return result
 
 
-def _run(cfg: Config, env: JobEnv, supervisor: Any, run_dir: Path) -> tuple[dict[str, Any], str]:
+def _run(cfg: Config, env: JobEnv, supervisor: Any, run_dir: Path) -> dict[str, Any]:
     if cfg.strategy.name == "deepspeed":
         # Again here, not only at submit: the job's environment may have another DeepSpeed. Before
         # the process group, so a bad key costs seconds, not a rendezvous timeout on other ranks.
@@ -81,19 +81,18 @@ def _run(cfg: Config, env: JobEnv, supervisor: Any, run_dir: Path) -> tuple[dict
                 log.info("preflight at %s:%d\n%s", rdzv.master_addr, rdzv.master_port, result["table"])
             log.info(result["summary"])
         result["preflight"] = result.pop("summary")
-        trained, ending = _train(cfg, env, rdzv, local_world, run_dir, supervisor)
-        result.update(trained)
+        result.update(_train(cfg, env, rdzv, local_world, run_dir, supervisor))
     except BaseException:
         # No barrier: the other ranks are stuck in some other collective, and a barrier here
         # would hang until the collective timeout and then bury this error under its own.
         shutdown_process_group(barrier=False)
         raise
     shutdown_process_group()
-    return result, ending
+    return result
 
 
 def _train(cfg: Config, env: JobEnv, rdzv: Any, local_world: int, run_dir: Path,
-           supervisor: Any) -> tuple[dict[str, Any], str]:
+           supervisor: Any) -> dict[str, Any]:
     from hpc.checkpoint.checkpointer import Checkpointer
     from hpc.checkpoint.manifest import store_location
     from hpc.config.compose import to_yaml
@@ -124,7 +123,7 @@ def _train(cfg: Config, env: JobEnv, rdzv: Any, local_world: int, run_dir: Path,
         log.info(line)
     return {"summary": line, "steps": outcome.steps, "losses": losses, "train": summary,
             "stopped_early": outcome.stopped_early, "start_step": outcome.start_step,
-            "last_committed": checkpointer.last_committed, "ending": ending}, ending
+            "last_committed": checkpointer.last_committed, "ending": ending}
 
 
 def _leave_now(status: int) -> None:

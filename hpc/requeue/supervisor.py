@@ -26,9 +26,6 @@ from hpc.submit.lead import write_measured_lead
 
 log = logging.getLogger("hpc")
 
-STARTS = {"submitted": "a new job", "resubmitted": "a new job in an existing run folder"}
-
-
 class NotRequeued(RuntimeError):
     """A stop came and the checkpoint committed, but the job ends here: the budget for its reason
     is spent, or the job was cancelled."""
@@ -37,7 +34,6 @@ class NotRequeued(RuntimeError):
 class Supervisor:
     def __init__(self, cfg: Config, env: JobEnv, run_dir: Path) -> None:
         self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
-        self.main_at = time.time()
         self.stop = StopRequest(cfg.requeue.signal)
         if env.launcher != "single":  # a library call must not take its caller's signals
             self.stop.install()
@@ -167,8 +163,9 @@ class Supervisor:
         self._save_s += [sum(o.seconds.values()) for o in fresh if o.committed]
         if not self._save_s or not self.cfg.requeue.auto_lead:
             return
-        needed = policy.needed_lead(self._save_s[-5:], self._step_s)
-        write_measured_lead(self.run_dir, {"needed_s": needed, "save_s": round(max(self._save_s[-5:]), 3),
+        recent = self._save_s[-5:]
+        needed = policy.needed_lead(recent, self._step_s)
+        write_measured_lead(self.run_dir, {"needed_s": needed, "save_s": round(max(recent), 3),
                                            "step_s": round(self._step_s, 3), "job_id": self.env.job_id,
                                            "at": round(time.time(), 3)})
         end = parse_time(self.job.get("EndTime", ""))
@@ -177,11 +174,11 @@ class Supervisor:
         if end - needed < time.time() + 2 * self._step_s:
             log.warning("saves take up to %.1f s, so a stop needs %d s before the time limit, but this "
                         "run has less left: relying on SLURM's warning (%d s). HINT: raise slurm.time",
-                        max(self._save_s[-5:]), needed, self.lead)
+                        max(recent), needed, self.lead)
             return
         self.stop.deadline = end - needed
         log.info("saves take up to %.1f s: stopping %d s before the time limit (SLURM warns %d s "
-                 "before)", max(self._save_s[-5:]), needed, self.lead)
+                 "before)", max(recent), needed, self.lead)
 
     # ---- after the loop ----
 
@@ -219,8 +216,8 @@ class Supervisor:
         end = parse_time(self.job.get("EndTime", ""))
         agreed_at = self.stop.agreed_at or time.time()
         reason = policy.stop_reason(mask, end - agreed_at if end else None, self.lead)
-        decision = policy.decide(reason, history.read_events(self.run_dir), self.env.job_id, policy.limits(self.cfg.requeue),
-                                 step=step, detail=describe(mask))
+        decision = policy.decide(reason, history.read_events(self.run_dir), self.env.job_id,
+                                 policy.limits(self.cfg.requeue), step=step, detail=describe(mask))
         if self._cancelled():
             # scancel sends SIGTERM too: the user asked the job to end, not to come back.
             decision = policy.Decision(False, reason, decision.budget, decision.used, decision.limit,
