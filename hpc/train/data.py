@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from hpc.config.schema import DataConfig
+from hpc.config.schema import Config, DataConfig
 
 DTYPES = {"uint16": np.dtype(np.uint16), "uint32": np.dtype(np.uint32)}
 MAKE_TOKENS = "python tools/make_tokens.py OUT.bin TEXT_DIR"
@@ -263,3 +263,12 @@ class GlobalBatches:
         if consumed < 0:
             raise DataError(f"consumed_samples={consumed} in the data state: must be >= 0")
         self.consumed_samples = consumed
+
+
+def batches_for(cfg: Config, dp_rank: int, dp_size: int) -> GlobalBatches:
+    """The global batch order a config trains on, from position 0, as data-parallel rank `dp_rank`
+    of `dp_size`: the loop and the benchmarks build it here so they read the very same samples."""
+    t = cfg.train
+    source = open_source(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=t.seq_len, seed=t.seed)
+    return GlobalBatches(source, seed=t.seed, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
+                         dp_rank=dp_rank, dp_size=dp_size)

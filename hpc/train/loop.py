@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from hpc.config import Config
 from hpc.faults import fault_point
-from hpc.train.data import GlobalBatches, open_source
+from hpc.train.data import GlobalBatches, batches_for
 from hpc.train.metrics import Meter, MetricsLog, StepMetrics
 from hpc.train.optim import lr_at, set_lr
 from hpc.train.strategies import Engine, World, build_engine
@@ -119,10 +119,7 @@ def train(cfg: Config, world: World, *, run_dir: Path | None = None,
     asks; every rank returns at the same step."""
     engine = engine or build_engine(cfg, world, sharded_init=sharded_init)
     train_cfg = cfg.train
-    source = open_source(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=train_cfg.seq_len,
-                         seed=train_cfg.seed)
-    batches = GlobalBatches(source, seed=train_cfg.seed, micro_batch_size=train_cfg.micro_batch_size,
-                            grad_accum=train_cfg.grad_accum, dp_rank=world.rank, dp_size=world.world_size)
+    batches = batches_for(cfg, world.rank, world.world_size)
     meter = Meter(cfg, world.world_size, world.device)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl" if run_dir is not None and world.rank == 0 else None)
     result = TrainResult(steps=0, stopped_early=False)
