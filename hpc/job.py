@@ -18,6 +18,7 @@ from hpc.config import Config
 from hpc.launch.environment import JobEnv, detect
 from hpc.launch.preflight import run_preflight, scratch_path
 from hpc.launch.rendezvous import join, shutdown_process_group
+from hpc.run_folder import RunFolder
 
 log = logging.getLogger("hpc")
 
@@ -94,13 +95,12 @@ def _run(cfg: Config, env: JobEnv, supervisor: Any, run_dir: Path) -> dict[str, 
 def _train(cfg: Config, env: JobEnv, rdzv: Any, local_world: int, run_dir: Path,
            supervisor: Any) -> dict[str, Any]:
     from hpc.checkpoint.checkpointer import Checkpointer
-    from hpc.checkpoint.manifest import store_location
     from hpc.config.compose import to_yaml
     from hpc.train.loop import train
     from hpc.train.strategies import World
 
     world = World.from_rendezvous(rdzv, local_world_size=local_world)
-    checkpointer = Checkpointer(cfg, world, location=store_location(cfg, run_dir),
+    checkpointer = Checkpointer(cfg, world, location=RunFolder(run_dir).checkpoint_location(cfg.checkpoint.dir),
                                 scratch=scratch_path(cfg.cluster.scratch_dir, env) / "checkpoints",
                                 config_yaml=to_yaml(cfg), node_rank=env.node_rank, num_nodes=env.num_nodes,
                                 host=env.node_name, restart_count=env.restart_count)

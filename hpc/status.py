@@ -22,7 +22,7 @@ from typing import Any
 from hpc import slurm
 from hpc.config import Config, from_yaml
 from hpc.requeue import history, policy
-from hpc.submit.lead import read_measured_lead
+from hpc.run_folder import RunFolder, folder_of_task_log
 
 
 class StatusError(RuntimeError):
@@ -32,7 +32,7 @@ class StatusError(RuntimeError):
 def find_run_dir(target: str) -> Path:
     path = Path(target)
     if path.is_dir():
-        if not (path / "config.yaml").is_file():
+        if not RunFolder(path).is_run_folder():
             raise StatusError(f"{path} is not a run folder (no config.yaml)")
         return path
     if not target.replace("_", "").isdigit():
@@ -42,15 +42,16 @@ def find_run_dir(target: str) -> Path:
     except slurm.SlurmError as err:
         raise StatusError(f"job {target}: {err}") from None
     # submitit writes <run folder>/submitit/<job id>_0_log.out
-    if out and Path(out).parent.name == "submitit" and (Path(out).parents[1] / "config.yaml").is_file():
-        return Path(out).parents[1]
+    folder = folder_of_task_log(Path(out)) if out else None
+    if folder is not None:
+        return folder
     raise StatusError(f"SLURM does not know job {target} (any more), or it is not an hpc job. "
                       "HINT: pass its run folder instead")
 
 
 def _last_metrics(run_dir: Path) -> dict[str, Any] | None:
     try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        lines = RunFolder(run_dir).metrics.read_text().splitlines()
     except FileNotFoundError:
         return None
     for line in reversed(lines):
@@ -62,10 +63,10 @@ def _last_metrics(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _last_checkpoint(cfg: Config, run_dir: Path) -> dict[str, Any] | None:
-    from hpc.checkpoint.manifest import newest_committed, store_location
+    from hpc.checkpoint.manifest import newest_committed
 
     try:
-        newest = newest_committed(store_location(cfg, run_dir))
+        newest = newest_committed(RunFolder(run_dir).checkpoint_location(cfg.checkpoint.dir))
     except Exception as err:  # noqa: BLE001 - the status of the rest is still worth showing
         return {"error": f"{type(err).__name__}: {err}"}
     if newest is None or newest.manifest is None:
@@ -74,7 +75,7 @@ def _last_checkpoint(cfg: Config, run_dir: Path) -> dict[str, Any] | None:
 
 
 def _job_id(run_dir: Path, events: list[dict[str, Any]]) -> str | None:
-    pickles = sorted((run_dir / "submitit").glob("*_submitted.pkl"), key=lambda p: p.stat().st_mtime)
+    pickles = sorted(RunFolder(run_dir).submitit.glob("*_submitted.pkl"), key=lambda p: p.stat().st_mtime)
     if pickles:
         return pickles[-1].name.split("_submitted")[0]
     return events[-1].get("job_id") if events else None
@@ -98,7 +99,7 @@ def _job(job_id: str | None, events: list[dict[str, Any]]) -> tuple[str, float |
 
 def gather(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
-    cfg = from_yaml((run_dir / "config.yaml").read_text())
+    cfg = from_yaml(RunFolder(run_dir).config.read_text())
     events = history.read_events(run_dir)
     job_id = _job_id(run_dir, events)
     state, ends_at = _job(job_id, events)
@@ -135,7 +136,7 @@ def _eta(cfg: Config, status: dict[str, Any], now: float) -> dict[str, Any] | No
     if status["step_time_s"] is None or status["step"] >= status["max_steps"]:
         return None
     train_s = (status["max_steps"] - status["step"]) * status["step_time_s"]
-    measured = read_measured_lead(Path(status["run_dir"])) if cfg.requeue.auto_lead else None
+    measured = RunFolder(Path(status["run_dir"])).read_measured_lead() if cfg.requeue.auto_lead else None
     lead = max(cfg.requeue.lead_s, measured["needed_s"] if measured else 0)
     restart_s = status["restart_s"] or 60.0
     per_run_s = cfg.slurm.time_min * 60 - lead - restart_s

@@ -16,7 +16,7 @@ from hpc import faults
 from hpc.config import ConfigError, compose
 from hpc.requeue import history, policy
 from hpc.requeue.signals import DEADLINE, OTHER, TERM, WARNING, StopRequest, describe
-from hpc.submit.lead import read_measured_lead, write_measured_lead
+from hpc.run_folder import RunFolder
 from hpc.submit.plan import build_plan, lead_time
 
 LIMITS = {"max_requeues": 1, "max_preemptions": 2, "max_failures": 1}
@@ -231,7 +231,7 @@ def test_reading_a_run_folder_without_history_gives_no_events(tmp_path: Path) ->
 
 def test_a_torn_last_line_is_skipped(tmp_path: Path) -> None:
     history.append_event(tmp_path, history.STARTED, job_id="7", restart=0)
-    with open(history.history_path(tmp_path), "a") as file:
+    with open(RunFolder(tmp_path).history, "a") as file:
         file.write('{"event": "requ')
     assert [e["event"] for e in history.read_events(tmp_path)] == ["started"]
 
@@ -416,17 +416,17 @@ def test_the_plan_asks_slurm_for_the_measured_lead(tmp_path: Path) -> None:
 
 
 def test_a_missing_lead_file_reads_as_none(tmp_path: Path) -> None:
-    assert read_measured_lead(tmp_path) is None
+    assert RunFolder(tmp_path).read_measured_lead() is None
 
 
 def test_an_invalid_lead_file_reads_as_none(tmp_path: Path) -> None:
     path = tmp_path / "requeue" / "lead.json"
     path.parent.mkdir()
     path.write_text("{not json")
-    assert read_measured_lead(tmp_path) is None
+    assert RunFolder(tmp_path).read_measured_lead() is None
 
 
 def test_a_written_lead_reads_back(tmp_path: Path) -> None:
     body = {"needed_s": 120, "save_s": 25.5, "step_s": 3.0}
-    write_measured_lead(tmp_path, body)
-    assert read_measured_lead(tmp_path) == body
+    RunFolder(tmp_path).write_measured_lead(body)
+    assert RunFolder(tmp_path).read_measured_lead() == body

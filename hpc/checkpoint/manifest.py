@@ -153,11 +153,6 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return keys
 
 
-def store_location(cfg: Any, run_dir: Any) -> str:
-    """Where a run's checkpoints are committed: checkpoint.dir, else <run folder>/checkpoints."""
-    return cfg.checkpoint.dir or f"{run_dir}/checkpoints"
-
-
 def newest_committed(location: str) -> Candidate | None:
     """The highest committed step at `location` (manifests only; files are not verified)."""
     return max(committed(open_storage(location), warn=False), key=lambda c: c.step, default=None)

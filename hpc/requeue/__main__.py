@@ -25,13 +25,14 @@ from pathlib import Path
 
 from hpc.config import from_yaml
 from hpc.requeue import history, policy
+from hpc.run_folder import RunFolder
 
 
 def _last_committed(cfg, run_dir: Path) -> int | None:
-    from hpc.checkpoint.manifest import newest_committed, store_location
+    from hpc.checkpoint.manifest import newest_committed
 
     try:
-        newest = newest_committed(store_location(cfg, run_dir))
+        newest = newest_committed(RunFolder(run_dir).checkpoint_location(cfg.checkpoint.dir))
     except Exception:  # the verdict must not fail on a store it only reads for the message
         return None
     return newest.step if newest is not None else None
@@ -45,7 +46,7 @@ def after_srun(status: int, run_dir: Path, environ: dict[str, str]) -> int:
     settled = history.ending(events, job_id, restart)
     if settled is not None or status == 0:
         return 0  # rank 0 said how this run ended (or it simply succeeded)
-    cfg = from_yaml((run_dir / "config.yaml").read_text())
+    cfg = from_yaml(RunFolder(run_dir).config.read_text())
     failure = policy.diagnose(history.read_ranks(run_dir, job_id, restart), status)
     step = _last_committed(cfg, run_dir)
     state = slurm.current_state(job_id)
@@ -79,7 +80,7 @@ def after_srun(status: int, run_dir: Path, environ: dict[str, str]) -> int:
     history.append_event(run_dir, history.REQUEUED, detail=decision.message, excluded=list(exclude),
                          **fields)
     # submitit's client treats a result file as the end of the job: this run's error is not.
-    for stale in (run_dir / "submitit").glob(f"{job_id}_*_result.pkl"):
+    for stale in RunFolder(run_dir).submitit.glob(f"{job_id}_*_result.pkl"):
         stale.unlink(missing_ok=True)
     print(f"hpc: {decision.message}; requeued" + (f", excluding {', '.join(exclude)}" if exclude else ""),
           file=sys.stderr)

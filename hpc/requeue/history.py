@@ -1,10 +1,10 @@
-"""The run's own record of its runs, in the run folder (shared by all nodes and the login node).
+"""The run's own record of its runs, in the run folder (shared by all nodes and the login node;
+the file names are hpc.run_folder's):
 
-    requeue/history.jsonl             one JSON line per event, appended: started, requeued,
-                                      gave_up, finished (rank 0, or the batch shell after a failure)
-    requeue/ranks/<job>.<restart>/    one file per rank of one run: started, signalled, and how it
-                                      ended; a rank that left no ending died without a trace
-    requeue/lead.json                 the lead time measured saves need (hpc.submit.lead)
+    history      one JSON line per event, appended: started, requeued, gave_up, finished (rank 0,
+                 or the batch shell after a failure)
+    ranks(...)   one file per rank of one run: started, signalled, and how it ended; a rank that
+                 left no ending died without a trace
 
 Budgets count `requeued` events of one job id: a resubmission (a new job id) starts afresh.
 """
@@ -21,23 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from hpc.files import write_atomically
-
-FOLDER = "requeue"
-HISTORY = "history.jsonl"
+from hpc.run_folder import RunFolder
 
 STARTED, REQUEUED, GAVE_UP, FINISHED = "started", "requeued", "gave_up", "finished"
 ENDINGS = (REQUEUED, GAVE_UP, FINISHED)
 """Events that settle how a run ended: once one is written, nobody else decides for that run."""
 
 
-def history_path(run_dir: Path) -> Path:
-    return Path(run_dir) / FOLDER / HISTORY
-
-
 def append_event(run_dir: Path, event: str, **fields: Any) -> dict[str, Any]:
     """Append one event (with its time) and make it durable before returning."""
     record = {"event": event, "at": round(time.time(), 3), **fields}
-    path = history_path(run_dir)
+    path = RunFolder(run_dir).history
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
@@ -55,7 +49,7 @@ def append_event(run_dir: Path, event: str, **fields: Any) -> dict[str, Any]:
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
     """Every event so far, oldest first; a torn last line (a writer killed mid-write) is skipped."""
     try:
-        text = history_path(run_dir).read_text()
+        text = RunFolder(run_dir).history.read_text()
     except FileNotFoundError:
         return []
     events = []
@@ -80,13 +74,9 @@ def ending(events: Iterable[dict[str, Any]], job_id: str, restart: int) -> dict[
 
 # ---- per rank, per run ----
 
-def ranks_dir(run_dir: Path, job_id: str, restart: int) -> Path:
-    return Path(run_dir) / FOLDER / "ranks" / f"{job_id}.{restart}"
-
-
 def read_ranks(run_dir: Path, job_id: str, restart: int) -> dict[int, dict[str, Any]]:
     found = {}
-    for path in ranks_dir(run_dir, job_id, restart).glob("rank-*.json"):
+    for path in RunFolder(run_dir).ranks(job_id, restart).glob("rank-*.json"):
         try:
             body = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -101,7 +91,7 @@ class RankRecord:
     ranks that left no trace at all are the ones that died."""
 
     def __init__(self, run_dir: Path, job_id: str, restart: int, rank: int, node: str) -> None:
-        self.path = ranks_dir(run_dir, job_id, restart) / f"rank-{rank}.json"
+        self.path = RunFolder(run_dir).ranks(job_id, restart) / f"rank-{rank}.json"
         self.body: dict[str, Any] = {"rank": rank, "node": node, "host": socket.gethostname(),
                                      "pid": os.getpid(), "started_at": round(time.time(), 3),
                                      "status": "running", "phase": "setup"}

@@ -22,7 +22,7 @@ from hpc.launch.preflight import PreflightError
 from hpc.requeue import history, policy
 from hpc.requeue.signals import DEADLINE, TERM, WARNING, StopRequest, describe
 from hpc.slurm import current_state, job_info, parse_time
-from hpc.submit.lead import write_measured_lead
+from hpc.run_folder import RunFolder
 
 log = logging.getLogger("hpc")
 
@@ -56,7 +56,7 @@ class Supervisor:
             try:
                 self._learn_why_we_started()
             except OSError as err:  # the run's record is bookkeeping: never a reason to stop training
-                log.warning("cannot read or write %s: %s", history.history_path(self.run_dir), err)
+                log.warning("cannot read or write %s: %s", RunFolder(self.run_dir).history, err)
 
     # ---- start ----
 
@@ -165,7 +165,7 @@ class Supervisor:
             return
         recent = self._save_s[-5:]
         needed = policy.needed_lead(recent, self._step_s)
-        write_measured_lead(self.run_dir, {"needed_s": needed, "save_s": round(max(recent), 3),
+        RunFolder(self.run_dir).write_measured_lead({"needed_s": needed, "save_s": round(max(recent), 3),
                                            "step_s": round(self._step_s, 3), "job_id": self.env.job_id,
                                            "at": round(time.time(), 3)})
         end = parse_time(self.job.get("EndTime", ""))

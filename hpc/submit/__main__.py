@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from hpc.config import ConfigError, available, compose
 from hpc.config.deepspeed_check import check_at_submit
 from hpc.submit.backend import SubmitError, submit
-from hpc.submit.lead import read_measured_lead
+from hpc.run_folder import RunFolder
 from hpc.submit.plan import build_plan, run_dir_of
 
 EPILOG = """\
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         cfg = compose(args.overrides)
-        plan = build_plan(cfg, measured_lead=read_measured_lead(run_dir_of(cfg)))
+        plan = build_plan(cfg, measured_lead=RunFolder(run_dir_of(cfg)).read_measured_lead())
         # DeepSpeed's own parser, in the job's python (a subprocess: no torch here), before anything
         # is written or queued.
         ds_config = check_at_submit(plan.config, plan.python)
@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(result, dict):
         print("\n".join(str(result[key]) for key in ("table", "preflight", "summary") if key in result))
         if "train" in result:
-            print(f"metrics: {plan.run_dir / 'metrics.jsonl'}")
+            print(f"metrics: {RunFolder(plan.run_dir).metrics}")
     else:
         print(result)
     return 0

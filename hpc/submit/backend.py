@@ -9,6 +9,7 @@ from typing import Any
 
 from hpc.config import Config
 from hpc.files import write_atomically
+from hpc.run_folder import RunFolder
 from hpc.submit.plan import Plan
 
 
@@ -58,7 +59,7 @@ def submit(plan: Plan) -> Any:
     executor = _executor(plan)
     fresh = not plan.run_dir.exists()
     plan.run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(plan.run_dir / "config.yaml", plan.config_yaml)
+    write_atomically(RunFolder(plan.run_dir).config, plan.config_yaml)
     try:
         return executor.submit(Entrypoint(plan.entrypoint, plan.config, str(plan.run_dir)))
     except (FailedJobError, FailedSubmissionError, OSError) as err:

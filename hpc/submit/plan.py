@@ -15,6 +15,7 @@ from typing import Any
 from submitit.slurm.slurm import _make_sbatch_string  # the function submitit writes scripts with
 
 from hpc.config import Config, ConfigError, to_yaml
+from hpc.run_folder import RunFolder
 from hpc.submit.render import render_setup
 
 # The in-allocation entry point, named rather than imported: submit stays left of launch.
@@ -41,7 +42,7 @@ class Plan:
 
     @property
     def submitit_dir(self) -> Path:
-        return self.run_dir / "submitit"
+        return RunFolder(self.run_dir).submitit
 
     @property
     def config_yaml(self) -> str:
@@ -156,7 +157,7 @@ def run_dir_of(cfg: Config, cwd: Path | None = None) -> Path:
 def build_plan(cfg: Config, *, cwd: Path | None = None, python: str | None = None,
                measured_lead: dict[str, Any] | None = None) -> Plan:
     """The plan for a composed config (pure: reads no cluster and writes no file; the measured
-    lead, if any, is read by the caller from the run folder: hpc.submit.lead)."""
+    lead, if any, is read by the caller from the run folder: RunFolder.read_measured_lead)."""
     run_dir = run_dir_of(cfg, cwd)
     interpreter = shlex.quote(cfg.run.python or python or sys.executable)
     lead_s, note = lead_time(cfg, measured_lead)

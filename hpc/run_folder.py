@@ -1,0 +1,98 @@
+"""The run folder's layout: every file a run keeps, named once (a base module every stage may import).
+
+    <run folder>/                     run.root / run name (hpc.submit.plan.run_dir_of)
+        config.yaml                   the resolved config, written at submit, read by the job and status
+        submitit/                     submitit's folder: batch script, pickles, per-task logs
+        metrics.jsonl                 one JSON line per logged step (rank 0)
+        checkpoints/step-N/           committed checkpoints, unless checkpoint.dir says elsewhere
+        requeue/history.jsonl         one JSON line per run outcome: started, requeued, gave_up, finished
+        requeue/ranks/<job>.<restart>/rank-R.json   each rank's record of one run
+        requeue/lead.json             the warning lead measured saves need; the next submit reads it
+
+The login node (submit, status), the job and the batch shell all reach the same folder on shared
+storage, so they agree on these names by importing them from here, never by spelling them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpc.files import write_atomically
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Paths inside one run folder (nothing is created until a stage writes there)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def submitit(self) -> Path:
+        return self.root / "submitit"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def requeue(self) -> Path:
+        return self.root / "requeue"
+
+    @property
+    def history(self) -> Path:
+        return self.requeue / "history.jsonl"
+
+    @property
+    def lead(self) -> Path:
+        return self.requeue / "lead.json"
+
+    def ranks(self, job_id: str, restart: int) -> Path:
+        """The folder of one run's per-rank records."""
+        return self.requeue / "ranks" / f"{job_id}.{restart}"
+
+    def task_log(self, job_id: str, task: int = 0, stream: str = "out") -> Path:
+        """submitit's log of one task (`out` or `err`)."""
+        return self.submitit / f"{job_id}_{task}_log.{stream}"
+
+    def is_run_folder(self) -> bool:
+        return self.config.is_file()
+
+    def checkpoint_location(self, checkpoint_dir: str | None) -> str:
+        """Where this run's checkpoints are committed: checkpoint.dir (a path or an fsspec URL), else
+        the run folder's checkpoints/."""
+        return checkpoint_dir or str(self.checkpoints)
+
+    # The measured lead is the one file two stages exchange (the job writes it, the next submit
+    # reads it), so its reader and writer live beside its name rather than in either stage.
+    def read_measured_lead(self) -> dict[str, Any] | None:
+        """{'needed_s': int, 'save_s': float, 'step_s': float, ...} or None (never measured)."""
+        try:
+            body = json.loads(self.lead.read_text())
+        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+            return None
+        return body if isinstance(body, dict) and isinstance(body.get("needed_s"), int) else None
+
+    def write_measured_lead(self, body: dict[str, Any]) -> None:
+        write_atomically(self.lead, json.dumps(body, sort_keys=True))
+
+
+def folder_of_task_log(path: Path) -> Path | None:
+    """The run folder that holds a submitit task log (`<run>/submitit/<job>_0_log.out`), if it is one."""
+    path = Path(path)
+    if path.parent.name == RunFolder(Path("x")).submitit.name and RunFolder(path.parents[1]).is_run_folder():
+        return path.parents[1]
+    return None
