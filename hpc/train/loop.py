@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from hpc.config import Config
 from hpc.faults import fault_point
+from hpc.run_folder import RunFolder
 from hpc.train.data import GlobalBatches, batches_for
 from hpc.train.metrics import Meter, MetricsLog, StepMetrics
 from hpc.train.optim import lr_at, set_lr
@@ -121,7 +122,7 @@ def train(cfg: Config, world: World, *, run_dir: Path | None = None,
     train_cfg = cfg.train
     batches = batches_for(cfg, world.rank, world.world_size)
     meter = Meter(cfg, world.world_size, world.device)
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl" if run_dir is not None and world.rank == 0 else None)
+    metrics_log = MetricsLog(RunFolder(run_dir).metrics if run_dir is not None and world.rank == 0 else None)
     result = TrainResult(steps=0, stopped_early=False)
     if world.rank == 0:
         log.info("%s: %.1f M parameters, %.1f MB on this rank; global batch %d x %d tokens",
