@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "hpc"
 # Left to right. `slurm` is the seam the in-allocation stages read the environment through;
 # `job` (hpc/job.py, the entry point a job runs) composes all the in-allocation stages.
-ORDER = ["config", "submit", "slurm", "launch", "train", "checkpoint", "requeue", "status", "job"]
+ORDER = ["config", "submit", "slurm", "launch", "train", "checkpoint", "requeue", "bench", "status", "job"]
 
 
 def _stage(module: str) -> str | None:

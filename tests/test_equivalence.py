@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from hpc.bench import run_cases
+from hpc.bench.strategies import run_cases
 
 pytestmark = pytest.mark.dist
 
