@@ -12,13 +12,16 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpc.config import Config
 from hpc.launch.environment import JobEnv, detect
 from hpc.launch.preflight import run_preflight, scratch_path
-from hpc.launch.rendezvous import join, shutdown_process_group
+from hpc.launch.rendezvous import broadcast_object, join, shutdown_process_group
 from hpc.run_folder import RunFolder
+
+if TYPE_CHECKING:
+    from hpc.requeue.supervisor import Supervisor
 
 log = logging.getLogger("hpc")
 
@@ -64,7 +67,7 @@ def main(cfg: Config, run_dir: str) -> dict[str, Any]:
     return result
 
 
-def _run(cfg: Config, env: JobEnv, supervisor: Any, run_dir: Path) -> dict[str, Any]:
+def _run(cfg: Config, env: JobEnv, supervisor: Supervisor, run_dir: Path) -> dict[str, Any]:
     if cfg.strategy.name == "deepspeed":
         # Again here, not only at submit: the job's environment may have another DeepSpeed. Before
         # the process group, so a bad key costs seconds, not a rendezvous timeout on other ranks.
@@ -72,7 +75,7 @@ def _run(cfg: Config, env: JobEnv, supervisor: Any, run_dir: Path) -> dict[str, 
         from hpc.config.deepspeed_check import validate_deepspeed_config
 
         validate_deepspeed_config(build_deepspeed_config(cfg))
-    local_world = max(env.world_size // env.num_nodes, 1)
+    local_world = env.tasks_per_node
     rdzv = join(env, cfg, local_world_size=local_world, rendezvous_timeout_s=cfg.launch.init_timeout_s,
                 collective_timeout_s=cfg.cluster.nccl.timeout_s)
     try:
@@ -93,7 +96,7 @@ def _run(cfg: Config, env: JobEnv, supervisor: Any, run_dir: Path) -> dict[str, 
 
 
 def _train(cfg: Config, env: JobEnv, rdzv: Any, local_world: int, run_dir: Path,
-           supervisor: Any) -> dict[str, Any]:
+           supervisor: Supervisor) -> dict[str, Any]:
     from hpc.checkpoint.checkpointer import Checkpointer
     from hpc.config.compose import to_yaml
     from hpc.train.loop import train
@@ -109,7 +112,7 @@ def _train(cfg: Config, env: JobEnv, rdzv: Any, local_world: int, run_dir: Path,
         outcome = train(cfg, world, run_dir=run_dir, stop=supervisor.stop, checkpoints=checkpointer)
     finally:
         checkpointer.close()
-    ending = supervisor.finish(outcome, world)
+    ending = supervisor.finish(outcome, broadcast_object)
     summary = outcome.summary
     losses = outcome.losses
     resumed = f" (resumed at step {outcome.start_step})" if outcome.start_step else ""

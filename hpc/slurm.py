@@ -13,8 +13,8 @@ import signal
 import subprocess
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 SLURM_COMMANDS = ("sbatch", "scontrol", "squeue", "sacct", "scancel", "sinfo", "srun")
 
@@ -173,46 +173,29 @@ def job_id_from(environ: Mapping[str, str]) -> str:
     return f"{array}_{environ.get('SLURM_ARRAY_TASK_ID', '0')}" if array else environ["SLURM_JOB_ID"]
 
 
-@dataclass(frozen=True)
-class SlurmEnv:
-    """What SLURM tells one task of a job (srun step) about itself and the allocation."""
+def task_place(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """What SLURM tells one task of a job (srun step) about itself and the allocation, by the names
+    of hpc.launch.environment.JobEnv's fields (the one record of a rank's place, whatever launched
+    it). A missing variable is an error that names it and the fix."""
+    def need(name: str) -> str:
+        if name not in environ:
+            raise SlurmError(
+                f"{name} is not set: this is not a task of a SLURM job step. "
+                "HINT: launch each rank with srun (sbatch alone sets only job variables)"
+            )
+        return environ[name]
 
-    job_id: str
-    rank: int
-    local_rank: int
-    world_size: int
-    node_rank: int
-    num_nodes: int
-    tasks_per_node: int
-    hostnames: tuple[str, ...]
-    node_name: str
-    restart_count: int
-
-    @classmethod
-    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> SlurmEnv:
-        """Read a task's SLURM variables; a missing one is an error that names it and the fix."""
-        def need(name: str) -> str:
-            if name not in environ:
-                raise SlurmError(
-                    f"{name} is not set: this is not a task of a SLURM job step. "
-                    "HINT: launch each rank with srun (sbatch alone sets only job variables)"
-                )
-            return environ[name]
-
-        nodelist = environ.get("SLURM_STEP_NODELIST") or need("SLURM_JOB_NODELIST")
-        hosts = tuple(expand_nodelist(nodelist))
-        world = int(environ.get("SLURM_STEP_NUM_TASKS") or need("SLURM_NTASKS"))
-        nnodes = int(environ.get("SLURM_STEP_NUM_NODES") or environ.get("SLURM_NNODES") or len(hosts))
-        need("SLURM_JOB_ID")
-        return cls(
-            job_id=job_id_from(environ),
-            rank=int(need("SLURM_PROCID")),
-            local_rank=int(need("SLURM_LOCALID")),
-            world_size=world,
-            node_rank=int(need("SLURM_NODEID")),
-            num_nodes=nnodes,
-            tasks_per_node=world // max(nnodes, 1),
-            hostnames=hosts,
-            node_name=environ.get("SLURMD_NODENAME") or hosts[int(need("SLURM_NODEID"))],
-            restart_count=int(environ.get("SLURM_RESTART_COUNT", "0") or 0),
-        )
+    nodelist = environ.get("SLURM_STEP_NODELIST") or need("SLURM_JOB_NODELIST")
+    hosts = tuple(expand_nodelist(nodelist))
+    need("SLURM_JOB_ID")
+    return dict(
+        job_id=job_id_from(environ),
+        rank=int(need("SLURM_PROCID")),
+        local_rank=int(need("SLURM_LOCALID")),
+        world_size=int(environ.get("SLURM_STEP_NUM_TASKS") or need("SLURM_NTASKS")),
+        node_rank=int(need("SLURM_NODEID")),
+        num_nodes=int(environ.get("SLURM_STEP_NUM_NODES") or environ.get("SLURM_NNODES") or len(hosts)),
+        hostnames=hosts,
+        node_name=environ.get("SLURMD_NODENAME") or hosts[int(need("SLURM_NODEID"))],
+        restart_count=int(environ.get("SLURM_RESTART_COUNT", "0") or 0),
+    )

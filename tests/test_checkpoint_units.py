@@ -1,4 +1,4 @@
-"""Checkpoint seams on real files, fast: storage backends, the commit protocol, draining and
+"""Checkpoint seams on real files, fast: storage backends, the commit protocol, transfers and
 retention, fault injection, the space check and checkpoint config. No torch.distributed."""
 
 from __future__ import annotations
@@ -17,25 +17,14 @@ import pytest
 
 from hpc import faults
 from hpc.checkpoint import storage as storage_module
-from hpc.checkpoint.drain import (
-    ChecksumMismatch,
-    clean_persistent,
-    clean_scratch,
-    local_files,
-    stage_view,
-    steps_to_delete,
-    upload_step,
-    verify_checksums,
-    with_retries,
-)
 from hpc.checkpoint.manifest import (
     MANIFEST,
     Manifest,
-    changed_keys,
     committed,
     list_steps,
     read_manifest,
 )
+from hpc.checkpoint.retention import clean_persistent, clean_scratch, steps_to_delete
 from hpc.checkpoint.space import STATE_BYTES_PER_PARAM, check_space, estimate_bytes
 from hpc.checkpoint.storage import (
     FileEntry,
@@ -45,8 +34,17 @@ from hpc.checkpoint.storage import (
     file_checksum,
     open_storage,
 )
+from hpc.checkpoint.transfer import (
+    ChecksumMismatch,
+    local_files,
+    stage_view,
+    upload_step,
+    verify_checksums,
+    with_retries,
+)
 from hpc.config import Config
 from hpc.config.compose import compose
+from hpc.config.diff import changed_keys
 from hpc.config.errors import ConfigError
 from hpc.train.model import count_params
 
@@ -324,7 +322,7 @@ def test_changed_keys_on_nested_dicts() -> None:
     assert changed_keys(old, old) == []
 
 
-# --- drain: retries ---------------------------------------------------------------------------
+# --- transfer: retries ---------------------------------------------------------------------------
 
 def flaky(failures: int, error: type[BaseException] = OSError) -> tuple[Callable[[], str], list[int]]:
     calls: list[int] = []
@@ -379,7 +377,7 @@ def test_with_retries_also_retries_errors_of_fsspec_backends() -> None:
     assert len(sleeps) == 1
 
 
-# --- drain: upload and staging ----------------------------------------------------------------
+# --- transfer: upload and staging ----------------------------------------------------------------
 
 def scratch_step(folder: Path, files: dict[str, bytes]) -> Path:
     for name, data in files.items():
@@ -490,7 +488,7 @@ def test_verify_checksums_names_the_corrupt_file(storage: Storage, tmp_path: Pat
     assert verify_checksums(storage, 5, entries, ["__0_0.distcp", ".metadata"]) is None
 
 
-# --- drain: retention -------------------------------------------------------------------------
+# --- retention -------------------------------------------------------------------------
 
 def test_steps_to_delete_keeps_the_newest() -> None:
     steps = [10, 20, 30, 40, 50]
@@ -692,3 +690,18 @@ def test_checkpoint_keep_last_zero_is_rejected() -> None:
 def test_checkpoint_key_typo_gets_did_you_mean() -> None:
     with pytest.raises(ConfigError, match=r"unknown key 'checkpoint\.every_step'.*did you mean 'every_steps'"):
         tiny_config("checkpoint.every_step=5")
+
+
+# --- collectives ------------------------------------------------------------------------------
+
+def test_collectives_without_a_process_group_are_local_and_still_raise() -> None:
+    from hpc.checkpoint.collectives import Collectives
+    from hpc.checkpoint.manifest import CheckpointError
+
+    alone = Collectives(world_size=1, timeout_s=5)
+    assert alone.alone and alone.gather("x") == ["x"] and alone.broadcast({"a": 1}) == {"a": 1}
+    alone.barrier()
+    alone.raise_any(None)
+    with pytest.raises(CheckpointError, match="disk full"):
+        alone.raise_any("disk full")
+    alone.close()

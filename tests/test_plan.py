@@ -5,7 +5,6 @@ Regenerate the golden files after an intended change with HPC_UPDATE_GOLDEN=1 an
 
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
 import sys
@@ -16,20 +15,11 @@ import pytest
 from hpc.config import compose
 from hpc.submit.__main__ import main
 from hpc.submit.plan import build_plan
+from golden_files import GOLDEN, check_golden
 
-GOLDEN = Path(__file__).parent / "golden"
 SLURM = {"which": lambda name: f"/usr/bin/{name}", "environ": {}}
 FIXED = ["run.root=/shared/runs", "run.name=golden", "run.python=python3"]
 HOSTILE = "a'; echo x"
-
-
-def _check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("HPC_UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(text)
-    assert path.is_file(), f"missing golden file {path}; run with HPC_UPDATE_GOLDEN=1"
-    assert text == path.read_text(), f"{name} differs from its golden file"
 
 
 def _script(*args: str) -> str:
@@ -38,7 +28,7 @@ def _script(*args: str) -> str:
 
 def test_70b_zero3_on_4_nodes_matches_golden() -> None:
     script = _script("exp=70b_zero3", "nodes=4")
-    _check_golden("70b_zero3_nodes4.sbatch", script)
+    check_golden("70b_zero3_nodes4.sbatch", script)
     lines = script.splitlines()
     for flag in ["--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--requeue",
                  "--signal=USR2@600", "--open-mode=append", "--time=1440"]:
@@ -52,7 +42,7 @@ def test_70b_zero3_on_4_nodes_matches_golden() -> None:
 def test_hostile_names_are_quoted_and_match_golden() -> None:
     script = _script("exp=70b_zero3", "nodes=4", f"slurm.job_name={HOSTILE}",
                      "slurm.constraint=h100&ib", "cluster.env={X: \"$(touch /tmp/pwn)\"}")
-    _check_golden("hostile_names.sbatch", script)
+    check_golden("hostile_names.sbatch", script)
     # Every non-comment line that carries a hostile value parses back to the exact value.
     job_line = next(line for line in script.splitlines() if line.startswith("#SBATCH --job-name="))
     assert shlex.split(job_line.split("=", 1)[1]) == [HOSTILE]

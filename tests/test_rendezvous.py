@@ -7,7 +7,7 @@ import pytest
 from hpc.config import compose
 from hpc.launch.environment import detect
 from hpc.launch.rendezvous import RendezvousError, master_port, plan_rendezvous, resolve_master
-from hpc.slurm import SlurmError, SlurmEnv, expand_nodelist
+from hpc.slurm import SlurmError, expand_nodelist
 
 
 @pytest.mark.parametrize("nodelist,hosts", [
@@ -37,7 +37,7 @@ SLURM_TASK = {
 
 
 def test_slurm_env_is_read_once_into_a_frozen_value() -> None:
-    env = SlurmEnv.from_environ(SLURM_TASK)
+    env = detect(SLURM_TASK)
     assert (env.job_id, env.rank, env.local_rank, env.world_size, env.node_rank, env.num_nodes) == (
         "4242", 3, 1, 4, 1, 2)
     assert env.hostnames == ("n1", "n2") and env.node_name == "n2" and env.restart_count == 2
@@ -50,7 +50,7 @@ def test_missing_slurm_variable_says_how_to_launch() -> None:
     partial = {k: v for k, v in SLURM_TASK.items() if k != "SLURM_LOCALID"}
     partial["SLURM_PROCID"] = "0"
     with pytest.raises(SlurmError, match="SLURM_LOCALID is not set.*HINT: launch each rank with srun"):
-        SlurmEnv.from_environ(partial)
+        detect(partial)
 
 
 def test_detect_picks_the_launcher() -> None:

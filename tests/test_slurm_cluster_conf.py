@@ -9,7 +9,6 @@ with HPC_UPDATE_GOLDEN=1 and review the diff.
 from __future__ import annotations
 
 import ast
-import os
 import sys
 from pathlib import Path
 
@@ -19,22 +18,13 @@ if str(TOOLS) not in sys.path:  # tools/slurm_cluster.py runs as a script; its p
 
 from localslurm.conf import env_lines, hosts_text, slurm_conf_text, slurmdbd_conf_text  # noqa: E402
 from localslurm.paths import Paths  # noqa: E402
+from golden_files import check_golden  # noqa: E402
 
-GOLDEN = Path(__file__).parent / "golden"
 ROOT = Paths(Path("/var/tmp/hpc-slurm"))
 PORTS = {"slurmctld": 16817, "slurmdbd": 16819, "mariadb": 16306, "slurmd": 17001}
 FIRST_JOB_ID = 7771000
 HOST = "login1"
 PASSWORD = "golden-test-password"
-
-
-def _check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("HPC_UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(text)
-    assert path.is_file(), f"missing golden file {path}; run with HPC_UPDATE_GOLDEN=1"
-    assert text == path.read_text(), f"{name} differs from its golden file"
 
 
 def _settings(text: str) -> dict[str, str]:
@@ -43,11 +33,11 @@ def _settings(text: str) -> dict[str, str]:
 
 
 def test_slurm_conf_matches_golden() -> None:
-    _check_golden("slurm.conf", slurm_conf_text(ROOT, PORTS, FIRST_JOB_ID, HOST))
+    check_golden("slurm.conf", slurm_conf_text(ROOT, PORTS, FIRST_JOB_ID, HOST))
 
 
 def test_slurmdbd_conf_matches_golden() -> None:
-    _check_golden("slurmdbd.conf", slurmdbd_conf_text(ROOT, PORTS, PASSWORD))
+    check_golden("slurmdbd.conf", slurmdbd_conf_text(ROOT, PORTS, PASSWORD))
 
 
 def test_ports_hostname_and_job_id_land_where_slurm_reads_them() -> None:

@@ -1,11 +1,14 @@
 """Sharded checkpoints: staged on node-local scratch, drained to persistent storage, committed by a
 manifest written last, resumed from the newest step that verifies.
 
-    checkpointer  the pipeline the trainer calls: save, drain, commit, retention
-    restore       which step to resume, a verified copy on every node, loading it
+    checkpointer  the facade the trainer calls (the loop's Checkpoints protocol), composed of:
+    collectives     gather / broadcast / barrier / raise-together over its own gloo group
+    restorer        which step to resume, a verified copy on every node, loading it
+    saver           write on scratch, upload in the background, commit, retention
     formats       engine state <-> files: DCP (DDP, FSDP) or DeepSpeed's own
     manifest      the commit protocol and discovery of committed steps
-    drain         upload, staging a step for resume, retention
+    transfer      upload after a save, staging before a resume, retries with backoff
+    retention     which step folders go once a newer step commits
     storage       persistent storage: a path (os) or an fsspec URL
     space         will it fit? checked before training starts
 

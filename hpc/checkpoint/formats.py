@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from hpc.checkpoint.manifest import CheckpointError
 from hpc.faults import ENV as FAULTS_ENV
 from hpc.faults import fault_point
+from hpc.train import rng
 from hpc.train.strategies import Engine
 
 RNG_DIR = "rng"
@@ -140,7 +139,7 @@ class StateFormat:
                                   no_dist=not dist.is_initialized()))
         # Its own gloo group: DCP's planning collectives run in a background thread while the
         # loop's own collectives go on; on the default group the two interleave and corrupt each
-        # other (../shared/notes: "Received data size doesn't match expected size").
+        # other (gloo fails with "Received data size doesn't match expected size").
         return dcp.async_save(state, storage_writer=writer, process_group=self.group,
                               async_stager=self.stager)
 
@@ -173,26 +172,11 @@ class StateFormat:
             self.stager.close()
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def save_rng(folder: Path, rank: int) -> None:
     path = folder / RNG_DIR / f"rank-{rank}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), path)
+    torch.save(rng.capture(), path)
 
 
 def load_rng(folder: Path, rank: int) -> None:
-    set_rng_state(torch.load(folder / RNG_DIR / f"rank-{rank}.pt", weights_only=False))
+    rng.restore(torch.load(folder / RNG_DIR / f"rank-{rank}.pt", weights_only=False))

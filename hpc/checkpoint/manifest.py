@@ -10,7 +10,6 @@ import json
 import logging
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 from hpc.checkpoint.storage import FileEntry, Storage, open_storage
 
@@ -133,24 +132,6 @@ def scan(storage: Storage, *, warn: bool = True) -> list[Candidate]:
 def committed(storage: Storage, *, warn: bool = True) -> list[Candidate]:
     """Steps whose manifest reads and whose files have the listed sizes, newest first."""
     return [c for c in scan(storage, warn=warn) if c.problem is None]
-
-
-def config_hash(config_yaml: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(config_yaml.encode()).hexdigest()[:16]
-
-
-def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts."""
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(f"{prefix}{key}")
-    return keys
 
 
 def newest_committed(location: str) -> Candidate | None:

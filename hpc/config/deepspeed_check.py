@@ -4,7 +4,7 @@
 interpreter, which parses the JSON from `build_deepspeed_config` with
 `deepspeed.runtime.config.DeepSpeedConfig`: a typo in a passed-through key fails on the login node,
 not after hours in the queue, and the submitting process itself never imports torch or deepspeed
-(STYLE.md habit 9). `validate_deepspeed_config` is that parse in-process (the job calls it).
+(a login node stays light). `validate_deepspeed_config` is that parse in-process (the job calls it).
 """
 
 from __future__ import annotations

@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hpc.config.cluster import ClusterConfig, LaunchConfig, RequeueConfig, SlurmConfig
+from hpc.config.cluster import ClusterConfig
+from hpc.config.launch import LaunchConfig
+from hpc.config.requeue import RequeueConfig
+from hpc.config.slurm import SlurmConfig
 from hpc.config.errors import (
     require,
     require_choice,

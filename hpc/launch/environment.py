@@ -11,7 +11,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from hpc.slurm import SlurmEnv
+from hpc import slurm
 
 
 @dataclass(frozen=True)
@@ -32,25 +32,31 @@ class JobEnv:
     """This node's name as the scheduler knows it."""
     restart_count: int = 0
 
+    @property
+    def tasks_per_node(self) -> int:
+        """Ranks per node (the job runs the same number on every node)."""
+        return max(self.world_size // max(self.num_nodes, 1), 1)
+
 
 def detect(environ: Mapping[str, str] = os.environ) -> JobEnv:
     if "SLURM_PROCID" in environ and "SLURM_JOB_ID" in environ:
-        s = SlurmEnv.from_environ(environ)
-        return JobEnv("slurm", s.job_id, s.rank, s.local_rank, s.world_size, s.node_rank,
-                      s.num_nodes, s.hostnames, s.node_name, s.restart_count)
+        return JobEnv(launcher="slurm", **slurm.task_place(environ))
     host = socket.gethostname()
     if "SUBMITIT_LOCAL_JOB_ID" in environ:
         rank = int(environ["SUBMITIT_LOCAL_GLOBALID"])
-        return JobEnv("local", environ["SUBMITIT_LOCAL_JOB_ID"], rank,
-                      int(environ["SUBMITIT_LOCAL_LOCALID"]), int(environ["SUBMITIT_LOCAL_NTASKS"]),
-                      0, 1, (host,), host)
+        return JobEnv(launcher="local", job_id=environ["SUBMITIT_LOCAL_JOB_ID"], rank=rank,
+                      local_rank=int(environ["SUBMITIT_LOCAL_LOCALID"]),
+                      world_size=int(environ["SUBMITIT_LOCAL_NTASKS"]), node_rank=0, num_nodes=1,
+                      hostnames=(host,), node_name=host)
     if "RANK" in environ and "WORLD_SIZE" in environ:
         world = int(environ["WORLD_SIZE"])
         local_world = int(environ.get("LOCAL_WORLD_SIZE", world))
         rank = int(environ["RANK"])
         master = environ.get("MASTER_ADDR", host)
-        return JobEnv("torchrun", environ.get("TORCHELASTIC_RUN_ID", "torchrun"), rank,
-                      int(environ.get("LOCAL_RANK", 0)), world, rank // local_world,
-                      max(world // local_world, 1), (master,), host,
-                      int(environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
-    return JobEnv("single", str(os.getpid()), 0, 0, 1, 0, 1, (host,), host)
+        return JobEnv(launcher="torchrun", job_id=environ.get("TORCHELASTIC_RUN_ID", "torchrun"), rank=rank,
+                      local_rank=int(environ.get("LOCAL_RANK", 0)), world_size=world,
+                      node_rank=rank // local_world, num_nodes=max(world // local_world, 1),
+                      hostnames=(master,), node_name=host,
+                      restart_count=int(environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
+    return JobEnv(launcher="single", job_id=str(os.getpid()), rank=0, local_rank=0, world_size=1, node_rank=0,
+                  num_nodes=1, hostnames=(host,), node_name=host)

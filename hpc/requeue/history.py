@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hpc.files import write_atomically
+from hpc.requeue.signals import StopRequest
 from hpc.run_folder import RunFolder
 
 STARTED, REQUEUED, GAVE_UP, FINISHED = "started", "requeued", "gave_up", "finished"
@@ -106,9 +107,9 @@ class RankRecord:
             except OSError:
                 pass  # a record is evidence, not a reason to fail the job
 
-    def watch(self, stop: Any) -> None:
+    def watch(self, stop: StopRequest) -> None:
         """Write 'signalled' when the warning signal or SIGTERM arrives (see the class docstring)."""
-        fd = getattr(stop, "wakeup_fd", None)
+        fd = stop.wakeup_fd
         if fd is None:
             return
 

@@ -1,5 +1,5 @@
 """Pure decisions (no I/O): why a run stopped, whether its budget allows another run, which nodes
-to leave out, and how much warning a save needs. Unit-tested on plain values."""
+to leave out, how much warning a save needs, and what kind of failure an error is. Unit-tested on plain values."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from hpc.checkpoint.manifest import CheckpointError
+from hpc.config import ConfigError
+from hpc.config.requeue import RequeueConfig
+from hpc.launch.preflight import PreflightError
 from hpc.requeue.history import REQUEUED
 from hpc.requeue.signals import DEADLINE
 
@@ -34,9 +38,10 @@ def stop_reason(mask: int, remaining_s: float | None, lead_s: float) -> str:
     return PREEMPTION
 
 
-def limits(requeue: Any) -> dict[str, int]:
+def limits(requeue: RequeueConfig) -> dict[str, int]:
     """Each budget's limit from the config's RequeueConfig."""
-    return {budget: int(getattr(requeue, budget)) for budget in dict.fromkeys(BUDGETS.values())}
+    return {"max_requeues": requeue.max_requeues, "max_preemptions": requeue.max_preemptions,
+            "max_failures": requeue.max_failures}
 
 
 def used(events: Iterable[Mapping[str, Any]], job_id: str, budget: str) -> int:
@@ -140,3 +145,13 @@ def excludable(suspects: Iterable[str], excluded: Iterable[str], usable: Iterabl
     new = tuple(sorted(set(suspects) - set(excluded)))
     left = set(usable) - set(excluded) - set(new)
     return new if new and len(left) >= nodes_needed else ()
+
+
+def failure_record(error: BaseException, phase: str) -> dict[str, Any]:
+    """What a rank going down with `error` leaves in its record for the batch shell (`diagnose`):
+    whether a rerun would meet the same error (a bad config or checkpoint found during set-up), whether
+    a peer's death caused it, and the nodes a failed preflight blames."""
+    return {"status": "error", "error": f"{type(error).__name__}: {error}", "phase": phase,
+            "peer_failure": is_peer_failure(error),
+            "permanent": phase == "setup" and isinstance(error, (ConfigError, CheckpointError)),
+            "bad_nodes": list(error.nodes) if isinstance(error, PreflightError) else []}

@@ -12,14 +12,12 @@ trainer stage does not import it): restore before the first step, save at step b
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -29,6 +27,7 @@ from hpc.run_folder import RunFolder
 from hpc.train.data import GlobalBatches, batches_for
 from hpc.train.metrics import Meter, MetricsLog, StepMetrics
 from hpc.train.optim import lr_at, set_lr
+from hpc.train.rng import seed_rank_streams
 from hpc.train.strategies import Engine, World, build_engine
 
 log = logging.getLogger("hpc")
@@ -101,16 +100,6 @@ def _agree(loss: torch.Tensor, mask: int, world_size: int) -> tuple[float, int]:
         packed = packed.cpu()
     agreed = sum(1 << i for i in range(STOP_BITS) if packed[1 + i] > 0)
     return float(packed[0]) / world_size, agreed
-
-
-def seed_rank_streams(seed: int, rank: int, step: int = 0) -> None:
-    """Python, numpy and torch random streams start from the seed (not from the OS), distinct per
-    rank and per starting step, so that a run and its resumed twin draw the same numbers
-    (checkpoints restore them) and a resume that cannot restore them does not repeat step 0's."""
-    value = (seed * 1_000_003 + step) * 65_537 + rank
-    random.seed(value)
-    np.random.seed(value % 2**32)
-    torch.manual_seed(value)
 
 
 def train(cfg: Config, world: World, *, run_dir: Path | None = None,

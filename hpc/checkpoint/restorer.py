@@ -1,6 +1,11 @@
-"""The restore half of the checkpointer: which step to resume, a verified copy of it on every
-node, and loading it into the engine. Mixed into `Checkpointer` (hpc.checkpoint.checkpointer),
-whose attributes and collectives it uses."""
+"""The restoring half of the checkpointer: which step to resume, a verified copy of it on every
+node, and loading it into the engine.
+
+    restore()    newest committed step whose files verify: each node builds scratch/step-N from
+                 its own scratch copy where it matches the manifest, else links or downloads the
+                 persistent copy; checksums are checked (shared out over nodes); all ranks agree,
+                 or fall back to the step before with a warning naming the problem.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hpc.checkpoint.drain import ChecksumMismatch, stage_view, verify_checksums
+from hpc.checkpoint.collectives import Collectives
 from hpc.checkpoint.formats import StateFormat, load_rng
 from hpc.checkpoint.manifest import (
     CONFIG_FILE,
@@ -17,7 +22,6 @@ from hpc.checkpoint.manifest import (
     RETIRED,
     Candidate,
     CheckpointError,
-    changed_keys,
     committed,
     parse_step_dir,
     read_manifest,
@@ -26,53 +30,41 @@ from hpc.checkpoint.manifest import (
 )
 from hpc.checkpoint.space import check_space
 from hpc.checkpoint.storage import Storage, open_storage
+from hpc.checkpoint.transfer import ChecksumMismatch, stage_view, verify_checksums
 from hpc.config import Config
-from hpc.config.schema import CheckpointConfig
+from hpc.config.diff import changed_keys
 from hpc.train.data import GlobalBatches
-from hpc.train.loop import seed_rank_streams
+from hpc.train.rng import seed_rank_streams
 from hpc.train.strategies import Engine, World
 
 log = logging.getLogger("hpc")
 
 
-class Restore:
+class Restorer:
     """restore(): the step to start from, with model, optimizer, RNG and data position loaded."""
 
-    cfg: Config
-    ckpt: CheckpointConfig
-    world: World
-    storage: Storage
-    scratch: Path
-    node: int
-    num_nodes: int
-    host: str
-    drainer: bool
-    restart_count: int
-    config_yaml: str
-    group: Any
-    format: StateFormat | None
-    resumed_step: int | None
-    last_committed: int | None
-    restore_window: tuple[float, float] | None = None
+    def __init__(self, cfg: Config, world: World, collectives: Collectives, storage: Storage, scratch: Path,
+                 *, node: int, num_nodes: int, host: str, restart_count: int, config_yaml: str) -> None:
+        self.cfg, self.ckpt, self.world = cfg, cfg.checkpoint, world
+        self.collectives, self.storage, self.scratch = collectives, storage, scratch
+        # From the scheduler, not from rank arithmetic: ranks need not be laid out node by node.
+        self.node, self.num_nodes, self.host = node, max(num_nodes, 1), host
+        self.drainer = world.local_rank == 0  # stages its node's files
+        self.restart_count, self.config_yaml = restart_count, config_yaml
+        self.resumed_step: int | None = None
+        self.window: tuple[float, float] | None = None
+        """Wall-clock start and end of restore(), for the requeue timeline."""
 
-    # Provided by Checkpointer (over its own gloo group):
-    def _all_gather(self, obj: Any) -> list[Any]: ...
-    def _broadcast(self, obj: Any) -> Any: ...
-    def _barrier(self) -> None: ...
-    def _raise_any(self, problem: str | None) -> None: ...
-
-    def restore(self, engine: Engine, batches: GlobalBatches) -> int:
+    def restore(self, state_format: StateFormat, engine: Engine, batches: GlobalBatches) -> int:
         """Load the checkpoint `checkpoint.resume` names; returns the step to start from."""
         started = time.time()
         try:
-            return self._restore(engine, batches)
+            return self._restore(state_format, engine, batches)
         finally:
-            self.restore_window = (started, time.time())  # wall clock, for the requeue timeline
+            self.window = (started, time.time())
 
-    def _restore(self, engine: Engine, batches: GlobalBatches) -> int:
-        self.format = StateFormat(engine, group=self.group, streams=self.ckpt.streams,
-                                  async_save=self.ckpt.async_save)
-        self._raise_any(self._setup_problem())
+    def _restore(self, state_format: StateFormat, engine: Engine, batches: GlobalBatches) -> int:
+        self.collectives.raise_any(self._setup_problem())
         mode = str(self.ckpt.resume)
         if mode not in ("auto", "never") and self.restart_count > 0:
             # An explicit step was for the first start; a restart continues this run's own line.
@@ -83,7 +75,7 @@ class Restore:
         if mode == "never" and self.restart_count > 0:
             mode = "auto"  # 'never' was about other runs' checkpoints; a restart continues its own
         if mode == "never":
-            existing = self._broadcast([c.step for c in committed(self.storage, warn=False)]
+            existing = self.collectives.broadcast([c.step for c in committed(self.storage, warn=False)]
                                        if self.world.rank == 0 else None)
             if existing:
                 raise CheckpointError(
@@ -108,7 +100,7 @@ class Restore:
             if problem is None:
                 if only is not None:
                     self._retire_newer(only)
-                return self._load(storage, candidate, engine, batches, counts)
+                return self._load(storage, candidate, state_format, engine, batches, counts)
             if only is not None:
                 raise CheckpointError(f"checkpoint.resume={mode}: {storage.url}/{step_dir(only)} does not "
                                       f"verify: {problem}")
@@ -147,7 +139,7 @@ class Restore:
         if self.drainer:
             self.scratch.mkdir(parents=True, exist_ok=True)
             (self.scratch / f".host-{self.host}").touch()
-        hosts = {h for h in self._all_gather(self.host if self.drainer else None) if h}
+        hosts = {h for h in self.collectives.gather(self.host if self.drainer else None) if h}
         if problem is None and self.drainer:
             others = sorted(h for h in hosts - {self.host} if (self.scratch / f".host-{h}").exists())
             if others:
@@ -167,7 +159,7 @@ class Restore:
             else:
                 found = ([c for c in read if c.problem is None],
                          [f"{step_dir(c.step)}: {c.problem}" for c in read if c.problem and c.has_manifest])
-        found = self._broadcast(found)
+        found = self.collectives.broadcast(found)
         if isinstance(found, CheckpointError):
             raise found
         return found
@@ -190,7 +182,7 @@ class Restore:
             except Exception as err:  # noqa: BLE001
                 fatal = f"staging {storage.url}/{step_dir(candidate.step)} on {self.host or 'this node'} failed: {err}"
         # Files read from the persistent copy are checksummed once, shared out over the nodes.
-        to_check = sorted(set().union(*self._all_gather(linked)))
+        to_check = sorted(set().union(*self.collectives.gather(linked)))
         if self.drainer and problem is None and fatal is None:
             mine = [name for i, name in enumerate(to_check) if i % self.num_nodes == self.node]
             try:
@@ -199,8 +191,8 @@ class Restore:
                 problem = str(err)
             except Exception as err:  # noqa: BLE001
                 fatal = f"reading {storage.url}/{step_dir(candidate.step)} failed: {err}"
-        outcomes = self._all_gather((problem, fatal))
-        self._raise_any(next((f for _, f in outcomes if f), None))
+        outcomes = self.collectives.gather((problem, fatal))
+        self.collectives.raise_any(next((f for _, f in outcomes if f), None))
         problems = [p for p, _ in outcomes if p]
         return (problems[0] if problems else None), counts
 
@@ -217,16 +209,16 @@ class Restore:
                     self.storage.remove(name)
                     log.warning("resuming step %d: %s/%s set aside (its manifest is now %s)", step,
                                 self.storage.url, step_dir(newer), RETIRED)
-        self._barrier()
+        self.collectives.barrier()
 
-    def _load(self, storage: Storage, candidate: Candidate, engine: Engine, batches: GlobalBatches,
-              counts: dict[str, int]) -> int:
+    def _load(self, storage: Storage, candidate: Candidate, state_format: StateFormat, engine: Engine,
+              batches: GlobalBatches, counts: dict[str, int]) -> int:
         manifest = candidate.manifest
-        assert manifest is not None and self.format is not None
+        assert manifest is not None
         started = time.perf_counter()
         view = self.scratch / step_dir(candidate.step)
         self._log_config_changes(view)
-        if manifest.format != self.format.name:
+        if manifest.format != state_format.name:
             raise CheckpointError(
                 f"{storage.url}/{view.name} was saved by strategy {manifest.strategy} ({manifest.format} "
                 f"format); strategy {engine.name} cannot load it. HINT: convert it with "
@@ -236,7 +228,7 @@ class Restore:
                 f"{storage.url}/{view.name} was saved with ZeRO stage {manifest.zero_stage}; this run uses "
                 f"stage {self.cfg.strategy.zero_stage}. HINT: resume with strategy=zero{manifest.zero_stage}, "
                 "or convert it with tools/ckpt_convert")
-        self.format.load(view, manifest.world_size)
+        state_format.load(view, manifest.world_size)
         if manifest.world_size == self.world.world_size:
             load_rng(view, self.world.rank)
         else:
@@ -246,7 +238,7 @@ class Restore:
                             "(model, optimizer and data position are resharded exactly)",
                             manifest.world_size, self.world.world_size, candidate.step)
         batches.load_state_dict(manifest.data)
-        self.resumed_step = self.last_committed = candidate.step
+        self.resumed_step = candidate.step
         if self.world.rank == 0:
             log.info("resumed from step %d (%s/%s): %.1f MB in %.2f s, data at sample %d; files from "
                      "scratch %d, linked %d, downloaded %d", candidate.step, storage.url, view.name,

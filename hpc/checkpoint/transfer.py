@@ -1,7 +1,7 @@
-"""Moving step folders between node-local scratch and persistent storage, and deleting old ones.
+"""Moving step folders between node-local scratch and persistent storage, both ways.
 
-Uploads run `streams` files at a time, each retried with exponential backoff; a file's checksum
-is computed while it is copied. Cleanup never stops at the first failed delete.
+Uploads (after a save) and staging (before a resume) run `streams` files at a time, each retried
+with exponential backoff (`with_retries`); a file's checksum is computed while it is copied.
 """
 
 from __future__ import annotations
@@ -9,14 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from hpc.checkpoint.manifest import MANIFEST, Candidate, list_steps, parse_step_dir, step_dir
+from hpc.checkpoint.manifest import step_dir
 from hpc.checkpoint.storage import FileEntry, Storage, file_checksum
 from hpc.faults import fault_point
 
@@ -125,48 +124,3 @@ def verify_checksums(storage: Storage, step: int, entries: dict[str, FileEntry],
 
     with ThreadPoolExecutor(max(1, streams), thread_name_prefix="hpc-verify") as pool:
         return next((p for p in pool.map(one, list(names)) if p), None)
-
-
-def steps_to_delete(all_steps: list[int], committed: list[int], *, keep_last: int, keep_every: int,
-                    protected: set[int]) -> list[int]:
-    """Retention: the newest `keep_last` committed steps, every multiple of `keep_every`, and the
-    protected steps (being resumed from or written) stay. Uncommitted folders older than the newest
-    committed step are leftovers of interrupted saves and go; newer ones may still be in flight."""
-    newest = max(committed, default=-1)
-    keep = set(sorted(committed, reverse=True)[:keep_last]) | protected
-    if keep_every:
-        keep |= {s for s in committed if s % keep_every == 0}
-    doomed = [s for s in committed if s not in keep]
-    doomed += [s for s in all_steps if s not in committed and s < newest and s not in protected]
-    return sorted(doomed)
-
-
-def clean_persistent(storage: Storage, committed: list[Candidate], *, keep_last: int, keep_every: int,
-                     protected: set[int]) -> list[int]:
-    """Delete what retention lets go; a failed delete is logged and the rest still go."""
-    doomed = steps_to_delete(list_steps(storage), [c.step for c in committed], keep_last=keep_last,
-                             keep_every=keep_every, protected=protected)
-    deleted = []
-    for step in doomed:
-        try:
-            # The manifest first: a half-deleted step must never look committed.
-            storage.remove(f"{step_dir(step)}/{MANIFEST}")
-            storage.remove(step_dir(step))
-            deleted.append(step)
-        except OSError as err:
-            log.warning("retention: could not delete %s/%s (%s); continuing", storage.url, step_dir(step), err)
-    return deleted
-
-
-def clean_scratch(scratch: Path, *, keep: set[int]) -> None:
-    """Node-local scratch holds only the steps still needed (being written, newest committed)."""
-    if not scratch.is_dir():
-        return
-    for path in scratch.iterdir():
-        step = parse_step_dir(path.name)
-        if step is None or step in keep:
-            continue
-        try:
-            shutil.rmtree(path)
-        except OSError as err:
-            log.warning("scratch cleanup: could not delete %s (%s); continuing", path, err)
