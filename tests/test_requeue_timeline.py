@@ -3,7 +3,11 @@ and deadline arithmetic, and how a failure is recorded. Plain values, no process
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
+
+import pytest
 
 from hpc.checkpoint.manifest import CheckpointError
 from hpc.config import ConfigError
@@ -93,3 +97,13 @@ def test_before_the_checkpointer_exists_nothing_is_committed() -> None:
     record = NoCheckpoints()
     assert (record.resumed_step, record.last_committed, list(record.outcomes), record.restore_window) == (
         None, None, [], None)
+
+
+def test_an_armed_deadline_stays_without_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    times = deadline.SaveTimes(step_s=5.0, save_s=[20.0])
+    end = time.time() + times.needed_lead() + 5.0  # armed 5 s from now: less than 2 steps away
+    armed = end - times.needed_lead()
+    with caplog.at_level(logging.INFO, logger="hpc"):
+        assert deadline.keep_deadline(times, asked_s=10, end=end, current=armed) == armed
+        assert deadline.keep_deadline(times, asked_s=10, end=end + 1000, current=None) == end + 1000 - times.needed_lead()
+    assert [r.levelname for r in caplog.records] == ["INFO"]  # moved once; never "too late" for the armed one

@@ -76,6 +76,8 @@ def keep_deadline(saves: SaveTimes, asked_s: int, end: float | None, current: fl
     """The job's deadline after a new save measurement (the current one when nothing changes),
     saying so in the log when it moves or when it is too late to move it."""
     needed, slowest = saves.needed_lead(), max(saves.recent())
+    if end is not None and current == end - needed:
+        return current  # already armed there: nothing to move, nothing to say
     own, why = deadline_for(needed, asked_s, end, time.time(), saves.step_s)
     if why == "too late":
         log.warning("saves take up to %.1f s, so a stop needs %d s before the time limit, but this "
