@@ -24,10 +24,14 @@ from slurm_jobs import SCRATCH, Run, submit, wait_for
 
 pytestmark = pytest.mark.slurm
 
-STEPS = 150
-LIMITED = ["exp=tiny_cpu", "nodes=2", f"train.max_steps={STEPS}", "train.log_every=10", "time=1",
-           "requeue.lead_s=20"]
-SLOW = "slow@step_end:ms=400"
+# SLURM sends the warning up to ~30 s earlier than asked, so a one-minute run trains only from the
+# end of its start-up to 20-50 s before its limit. One rank per node keeps start-up short on a 2-core
+# machine (every rank imports torch: ~9 s with 2 ranks per job, ~17 s with 4), and the step's sleep
+# keeps what two runs can do below STEPS, so that finishing takes at least two time limits.
+STEPS = 80
+LIMITED = ["exp=tiny_cpu", "nodes=2", "gpus_per_node=1", f"train.max_steps={STEPS}", "train.log_every=10",
+           "time=1", "requeue.lead_s=20"]
+SLOW = "slow@step_end:ms=600"
 
 
 @pytest.fixture(scope="module")
