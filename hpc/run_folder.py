@@ -93,6 +93,7 @@ class RunFolder:
 def folder_of_task_log(path: Path) -> Path | None:
     """The run folder that holds a submitit task log (`<run>/submitit/<job>_0_log.out`), if it is one."""
     path = Path(path)
-    if path.parent.name == RunFolder(Path("x")).submitit.name and RunFolder(path.parents[1]).is_run_folder():
-        return path.parents[1]
-    return None
+    if len(path.parents) < 2:
+        return None
+    run = RunFolder(path.parents[1])
+    return run.root if path.parent == run.submitit and run.is_run_folder() else None

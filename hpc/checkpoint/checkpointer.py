@@ -7,7 +7,7 @@
                  (saver.py)
 
 `Checkpointer` is the facade that satisfies the loop's `Checkpoints` protocol (hpc.train.loop) and
-the requeue stage's `CheckpointRecord` (hpc.requeue.supervisor): the step resumed, the last
+the requeue stage's `CheckpointRecord` (hpc.requeue.saves): the step resumed, the last
 committed step, every save's outcome and the restore's time window.
 """
 

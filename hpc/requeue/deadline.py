@@ -83,7 +83,7 @@ def keep_deadline(saves: SaveTimes, asked_s: int, end: float | None, current: fl
         log.warning("saves take up to %.1f s, so a stop needs %d s before the time limit, but this "
                     "run has less left: relying on SLURM's warning (%d s). HINT: raise slurm.time",
                     slowest, needed, asked_s)
-    elif own is not None and own != current:
+    elif own is not None:  # differs from `current`: the armed case returned above
         log.info("saves take up to %.1f s: stopping %d s before the time limit (SLURM warns %d s "
                  "before)", slowest, needed, asked_s)
         return own
