@@ -33,7 +33,7 @@ def _settings(text: str) -> dict[str, str]:
 
 
 def test_slurm_conf_matches_golden() -> None:
-    check_golden("slurm.conf", slurm_conf_text(ROOT, PORTS, FIRST_JOB_ID, HOST))
+    check_golden("slurm.conf", slurm_conf_text(ROOT, PORTS, FIRST_JOB_ID, HOST, "192.0.2.2"))
 
 
 def test_slurmdbd_conf_matches_golden() -> None:
@@ -43,7 +43,7 @@ def test_slurmdbd_conf_matches_golden() -> None:
 def test_ports_hostname_and_job_id_land_where_slurm_reads_them() -> None:
     paths = Paths(Path("/srv/other-state"))
     ports = {"slurmctld": 21001, "slurmdbd": 21002, "mariadb": 21003, "slurmd": 22010}
-    conf = _settings(slurm_conf_text(paths, ports, 42, "gpu-login7"))
+    conf = _settings(slurm_conf_text(paths, ports, 42, "gpu-login7", "10.1.2.3"))
     assert conf["SlurmctldHost"] == "gpu-login7(127.0.0.1)"
     assert conf["SlurmctldPort"] == "21001"
     assert conf["SlurmdPort"] == "22010"
@@ -54,6 +54,7 @@ def test_ports_hostname_and_job_id_land_where_slurm_reads_them() -> None:
     node = conf["NodeName"].split()
     assert node[0] == "n[1-4]"
     assert "NodeHostname=gpu-login7" in node and "Port=[22010-22013]" in node  # one slurmd port per node
+    assert "NodeAddr=10.1.2.3" in node
     dbd = _settings(slurmdbd_conf_text(paths, ports, "s3cret"))
     assert (dbd["DbdPort"], dbd["StoragePort"], dbd["StoragePass"]) == ("21002", "21003", "s3cret")
     assert dbd["PidFile"] == "/srv/other-state/pids/slurmdbd.pid"
@@ -64,6 +65,9 @@ def test_hosts_maps_the_nodes_and_this_host_then_keeps_the_machines_lines() -> N
     lines = text.splitlines()
     assert lines[1].split() == ["127.0.0.1", "localhost", "gpu-login7", "n1", "n2", "n3", "n4"]
     assert text.endswith("\n10.0.0.5 storage\n")
+    routed = hosts_text("gpu-login7", "", "10.1.2.3").splitlines()
+    assert routed[1].split() == ["127.0.0.1", "localhost", "gpu-login7"]
+    assert routed[2].split() == ["10.1.2.3", "n1", "n2", "n3", "n4"]
 
 
 def test_env_lines_point_clients_at_the_state_folder() -> None:

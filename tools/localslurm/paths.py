@@ -16,6 +16,8 @@ from pathlib import Path
 CLUSTER_NAME = "hpctest"
 HPC_CLUSTER = "testcluster"
 PARTITION = "debug"
+# Seconds a preempted job in the `low` partition gets to save between the signal and its requeue.
+GRACE_TIME_S = 30
 NODES = ("n1", "n2", "n3", "n4")
 NODE_CPUS = 2
 NODE_MEMORY_MB = 4000

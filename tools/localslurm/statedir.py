@@ -141,10 +141,25 @@ def check_traversable(folder: Path) -> None:
 
 def write_configs(paths: Paths) -> dict[str, int]:
     ports = choose_ports(paths)
-    paths.slurm_conf.write_text(slurm_conf_text(paths, ports, first_job_id(paths), short_hostname()))
+    node_addr = routable_address()
+    paths.slurm_conf.write_text(slurm_conf_text(paths, ports, first_job_id(paths), short_hostname(), node_addr))
     write_private(paths.slurmdbd_conf, slurmdbd_conf_text(paths, ports, db_password(paths)))
-    paths.hosts.write_text(hosts_text(short_hostname(), machine_hosts()))
+    paths.hosts.write_text(hosts_text(short_hostname(), machine_hosts(), node_addr))
     return ports
+
+
+def routable_address() -> str:
+    """This machine's address on its default route (no packet is sent: a UDP connect only picks the
+    source address), or 127.0.0.1 when it has none. The nodes answer on it so jobs see node names that
+    resolve to a routable address, as on a real cluster, while this host's own name may still
+    resolve to loopback (Debian's 127.0.1.1), which is what the toolkit must not bind gloo to."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("10.255.255.255", 9))
+            address = probe.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+    return "127.0.0.1" if address.startswith("127.") or address == "0.0.0.0" else address
 
 
 def machine_hosts() -> str:
