@@ -9,7 +9,7 @@ from hpc.config import Config, ConfigError, available, compose, from_yaml, to_ya
 NO_SBATCH = {"which": lambda name: None, "environ": {}}
 WITH_SBATCH = {"which": lambda name: f"/usr/bin/{name}", "environ": {}}
 
-EXPERIMENTS = ["tiny_cpu", "7b_ddp", "13b_fsdp_grad_op", "70b_fsdp", "70b_zero3", "70b_zero3_offload",
+EXPERIMENTS = ["tiny_cpu", "7b_zero1", "13b_fsdp_grad_op", "70b_fsdp", "70b_zero3", "70b_zero3_offload",
                "70b_hsdp"]
 
 
@@ -30,7 +30,7 @@ def test_llama3_shapes_are_the_real_ones() -> None:
     m70 = compose(["exp=70b_zero3"], **WITH_SBATCH).model
     assert (m70.dim, m70.n_layers, m70.n_heads, m70.n_kv_heads, m70.ffn_dim, m70.vocab_size) == (
         8192, 80, 64, 8, 28672, 128256)
-    m8 = compose(["exp=7b_ddp", "model=llama3_8b"], **WITH_SBATCH).model
+    m8 = compose(["exp=7b_zero1", "model=llama3_8b"], **WITH_SBATCH).model
     assert (m8.dim, m8.n_layers, m8.n_heads, m8.n_kv_heads, m8.ffn_dim, m8.vocab_size) == (
         4096, 32, 32, 8, 14336, 128256)
     assert m8.rope_theta == 500000.0

@@ -1,7 +1,8 @@
 """A 70B-shape model built on the meta device and sharded at world 8 never materialises on one rank.
 
-One process plays rank 0 of a fake 8-rank (and 16-rank) process group: FSDP2 computes the shard
-layout exactly as on a real cluster, while every tensor stays on the meta device (no storage).
+One process plays rank 0 of a fake 8-rank (and 64-rank, HSDP groups of 32) process group: FSDP2
+computes the shard layout exactly as on a real cluster, while every tensor stays on the meta device
+(no storage).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-@pytest.mark.parametrize("exp,world,shard_group", [("70b_fsdp", 8, 8), ("70b_hsdp", 16, 8)])
-def test_70b_shards_to_one_eighth_per_rank_without_allocating(fake_world, exp, world, shard_group) -> None:
+@pytest.mark.parametrize("exp,world,shard_group", [("70b_fsdp", 8, 8), ("70b_hsdp", 64, 32)])
+def test_70b_shards_to_its_group_share_per_rank_without_allocating(fake_world, exp, world, shard_group) -> None:
     nodes = world // 8
     cfg = compose([f"exp={exp}", "cluster=slurm", f"nodes={nodes}", "gpus_per_node=8"],
                   which=lambda name: "/usr/bin/" + name, environ={})
