@@ -10,6 +10,8 @@ Sharding modes map onto FSDP2 as
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -53,12 +55,17 @@ def shard_model(model: Transformer, cfg: Config, mesh: DeviceMesh) -> None:
     if strategy.mixed_precision == "bf16":
         # Compute in bf16, reduce gradients in fp32: bf16 sums over many ranks lose too much.
         mp = MixedPrecisionPolicy(param_dtype=DTYPES["bf16"], reduce_dtype=torch.float32)
+        # A block's forward inputs are left as they come: FSDP2 would cast every floating-point
+        # argument to bf16, the fp32 rotary table too (8 significant bits: wrong angles far into a long
+        # sequence). The hidden state needs no cast: it leaves the root's bf16 embedding in bf16.
+        block_mp = dataclasses.replace(mp, cast_forward_inputs=False)
     else:
-        mp = MixedPrecisionPolicy()
+        mp = block_mp = MixedPrecisionPolicy()
     offload = CPUOffloadPolicy() if strategy.offload_params == "cpu" else OffloadPolicy()
     reshard = strategy.sharding != "shard_grad_op"
     for block in model.layers:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=block_mp,
+                    offload_policy=offload)
     # The root's parameters are needed first in backward (output layer): keep them gathered.
     fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp, offload_policy=offload)
 
