@@ -2,7 +2,8 @@
 
     for each step:  take this rank's micro-batches -> set the lr -> forward/backward each
                     (gradients reduced on the last only) -> clip + optimizer step
-                    -> one small all-reduce: the global loss, and which kinds of stop any rank saw
+                    -> one small all-reduce: the global loss, which kinds of stop any rank saw,
+                       and whether any rank's schedule wants a save (rank 0's clock)
                     -> checkpoint when due, when stopping, and at the end
 
 Checkpointing is reached through the `Checkpoints` protocol (implemented in hpc.checkpoint; the
@@ -41,7 +42,9 @@ class Checkpoints(Protocol):
         start at, 0 when there is none."""
 
     def due(self, step: int) -> bool:
-        """Whether the regular schedule saves after this step."""
+        """This rank's vote that the regular schedule saves after this step. Asked before the
+        step's all-reduce, which ORs the votes: a vote from a clock may come from one rank alone,
+        and still every rank saves at the same step."""
 
     def save(self, step: int, engine: Engine, batches: GlobalBatches) -> None:
         """Save the state after `step` steps; may return before the save is committed."""
@@ -88,9 +91,9 @@ def _poll(stop: StopSource | threading.Event | None) -> int:
     return stop.poll()
 
 
-def _agree(loss: torch.Tensor, mask: int, world_size: int) -> tuple[float, int]:
-    """Global mean loss and the OR of every rank's stop bits, in one all-reduce."""
-    bits = [float(mask >> i & 1) for i in range(STOP_BITS)]
+def _agree(loss: torch.Tensor, mask: int, world_size: int, save: bool = False) -> tuple[float, int, bool]:
+    """Global mean loss, the OR of every rank's stop bits and of their save votes, in one all-reduce."""
+    bits = [float(mask >> i & 1) for i in range(STOP_BITS)] + [float(save)]
     packed = torch.cat([loss.float().cpu().reshape(1), torch.tensor(bits)])
     if world_size > 1:
         # gloo reduces CPU tensors; NCCL needs them on the GPU.
@@ -99,7 +102,7 @@ def _agree(loss: torch.Tensor, mask: int, world_size: int) -> tuple[float, int]:
         dist.all_reduce(packed)
         packed = packed.cpu()
     agreed = sum(1 << i for i in range(STOP_BITS) if packed[1 + i] > 0)
-    return float(packed[0]) / world_size, agreed
+    return float(packed[0]) / world_size, agreed, bool(packed[1 + STOP_BITS] > 0)
 
 
 def train(cfg: Config, world: World, *, run_dir: Path | None = None,
@@ -133,7 +136,9 @@ def train(cfg: Config, world: World, *, run_dir: Path | None = None,
         grad_norm = engine.step()
         # A fault's stop counts as 'other' (bit 3, hpc.requeue.signals.OTHER).
         mask = _poll(stop) | (8 if fault_point("step_end", step=step + 1, rank=world.rank) else 0)
-        loss, agreed = _agree(loss_sum / len(micro_batches), mask, world.world_size)
+        # Asked before the all-reduce, so that a save on rank 0's clock needs no collective of its own.
+        vote = checkpoints is not None and checkpoints.due(step + 1)
+        loss, agreed, due = _agree(loss_sum / len(micro_batches), mask, world.world_size, vote)
         stop_now = agreed != 0
         if stop_now and stop is not None and not isinstance(stop, threading.Event):
             stop.agreed(agreed)
@@ -146,7 +151,7 @@ def train(cfg: Config, world: World, *, run_dir: Path | None = None,
             if world.rank == 0:
                 metrics_log.write(record)
                 log.info(record.line(train_cfg.max_steps))
-        if checkpoints is not None and (stop_now or step == train_cfg.max_steps or checkpoints.due(step)):
+        if checkpoints is not None and (stop_now or step == train_cfg.max_steps or due):
             checkpoints.save(step, engine, batches)
         if stop_now:
             result.stopped_early = step < train_cfg.max_steps
