@@ -8,6 +8,7 @@
         requeue/history.jsonl         one JSON line per run outcome: started, requeued, gave_up, finished
         requeue/ranks/<job>.<restart>/rank-R.json   each rank's record of one run
         requeue/lead.json             the warning lead measured saves need; the next submit reads it
+        rendezvous/<job>.<restart>.port   where rank 0 of that run listens (the other ranks read it)
 
 The login node (submit, status), the job and the batch shell all reach the same folder on shared
 storage, so they agree on these names by importing them from here, never by spelling them.
@@ -63,6 +64,10 @@ class RunFolder:
     def ranks(self, job_id: str, restart: int) -> Path:
         """The folder of one run's per-rank records."""
         return self.requeue / "ranks" / f"{job_id}.{restart}"
+
+    def rendezvous_port(self, job_id: str, restart: int) -> Path:
+        """Where rank 0 of one run publishes its rendezvous address and port."""
+        return self.root / "rendezvous" / f"{job_id}.{restart}.port"
 
     def task_log(self, job_id: str, task: int = 0, stream: str = "out") -> Path:
         """submitit's log of one task (`out` or `err`)."""

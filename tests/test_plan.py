@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc.config import compose
+from hpc.config import ConfigError, compose
 from hpc.submit.__main__ import main
 from hpc.submit.plan import build_plan
 from golden_files import GOLDEN, check_golden
@@ -33,10 +33,37 @@ def test_70b_zero3_on_4_nodes_matches_golden() -> None:
     for flag in ["--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--requeue",
                  "--signal=USR2@600", "--open-mode=append", "--time=1440"]:
         assert f"#SBATCH {flag}" in lines, flag
-    assert "export NCCL_IB_HCA=mlx5" in lines
+    assert "export NCCL_IB_HCA==mlx5_0:1,mlx5_1:1,mlx5_2:1,mlx5_3:1,mlx5_4:1,mlx5_5:1,mlx5_6:1,mlx5_7:1" in lines
     assert "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in lines
-    assert "export NCCL_SOCKET_IFNAME='^lo,docker'" in lines
-    assert any(line.startswith("srun ") and "--kill-on-bad-exit=1" in line for line in lines)
+    assert "export NCCL_SOCKET_IFNAME==ib0" in lines
+    # NCCL names its transports on the first start only (a requeue has SLURM_RESTART_COUNT >= 1).
+    assert ('if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then export NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,NET; fi'
+            in lines)
+    srun = shlex.split(next(line for line in lines if line.startswith("srun ")))
+    for flag in ["--kill-on-bad-exit=1", "--cpus-per-task=12", "--cpu-bind=cores", "--distribution=block:block",
+                 "--gpu-bind=none"]:
+        assert flag in srun, flag
+    # Whole nodes get all their memory, and no accounting key the site did not ask for.
+    assert "#SBATCH --exclusive" in lines and "#SBATCH --mem=0" in lines
+    assert not any("wckey" in line for line in lines)
+
+
+def test_memory_and_wckey_only_as_asked() -> None:
+    shared = _script("exp=tiny_cpu", "cluster=slurm", "gpus_per_node=4", "slurm.wckey=proj-llm").splitlines()
+    assert "#SBATCH --mem=880GB" in shared and "#SBATCH --exclusive" not in shared  # 4 x 220 GB
+    assert "#SBATCH --wckey=proj-llm" in shared
+    sized = _script("exp=70b_zero3", "slurm.exclusive=true", "slurm.mem_gb=500").splitlines()
+    assert "#SBATCH --mem=500GB" in sized
+
+
+def test_cpu_bind_and_gpu_bind_are_checked() -> None:
+    with pytest.raises(ConfigError, match="cluster.cpu_bind='core' is not one of cores.*did you mean 'cores'"):
+        _script("exp=tiny_cpu", "cluster.cpu_bind=core")
+    with pytest.raises(ConfigError, match="cluster.gpu_bind='nearest' is not one of none, closest"):
+        _script("exp=tiny_cpu", "cluster.gpu_bind=nearest")
+    srun = next(line for line in _script("exp=tiny_cpu", "cluster=slurm", "cluster.gpu_bind=single:1").splitlines()
+                if line.startswith("srun "))
+    assert "--gpu-bind=single:1" in srun
 
 
 def test_hostile_names_are_quoted_and_match_golden() -> None:
@@ -76,7 +103,8 @@ def test_cpu_cluster_requests_no_gpus_and_site_settings_flow_through() -> None:
     assert "#SBATCH --mail-type=END" in lines
     assert "module load cuda/12.4" in lines and "module load nccl" in lines
     assert "source /opt/venv/bin/activate" in lines
-    assert "export GLOO_SOCKET_IFNAME=lo" in lines
+    srun = next(line for line in lines if line.startswith("srun "))
+    assert "--cpus-per-task=1 --cpu-bind=none" in srun and "--gpu-bind" not in srun  # CPU nodes: no GPUs to bind
 
 
 def test_local_plan_runs_one_process_per_slot_without_comment_lines() -> None:

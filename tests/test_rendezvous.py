@@ -6,7 +6,10 @@ import pytest
 
 from hpc.config import compose
 from hpc.launch.environment import detect
-from hpc.launch.rendezvous import RendezvousError, master_port, plan_rendezvous, resolve_master
+from hpc.launch.environment import JobEnv
+from hpc.launch.network import NetworkError, choose_gloo_interface, exact_ifname
+from hpc.launch.rendezvous import (RendezvousError, cuda_device, host_store, master_port, plan_rendezvous,
+                                   port_candidates, publish_port, read_port, resolve_master)
 from hpc.slurm import SlurmError, expand_nodelist
 
 
@@ -101,7 +104,8 @@ def test_plan_rendezvous_picks_backend_and_device() -> None:
     resolve = _resolver({"n1": ["10.0.0.1"], "n2": ["10.0.0.2"]})
     cpu = compose(["exp=tiny_cpu", "cluster=testcluster", "nodes=2"], which=lambda n: "/x", environ={})
     rdzv = plan_rendezvous(env, cpu, resolve=resolve)
-    assert (rdzv.backend, rdzv.device, rdzv.master_addr, rdzv.master_port) == ("gloo", "cpu", "10.0.0.1", 24242)
+    assert (rdzv.backend, rdzv.device, rdzv.master_addr) == ("gloo", "cpu", "10.0.0.1")
+    assert rdzv.master_port == master_port("4242", 20000, 29999, restart=2) == rdzv.port_candidates[0]
     gpu = compose(["exp=tiny_cpu", "cluster=slurm", "nodes=2"], which=lambda n: "/x", environ={})
     rdzv = plan_rendezvous(env, gpu, cuda_devices=2, resolve=resolve)
     assert (rdzv.backend, rdzv.device) == ("nccl", "cuda:1")
@@ -115,3 +119,113 @@ def test_master_addr_override_wins() -> None:
     cfg = compose(["exp=tiny_cpu", "cluster=testcluster", "nodes=2", "launch.master_addr=192.168.5.5"],
                   which=lambda n: "/x", environ={})
     assert plan_rendezvous(env, cfg, resolve=_resolver({})).master_addr == "192.168.5.5"
+
+
+def test_a_rerun_and_the_fallbacks_get_other_ports() -> None:
+    first, rerun = master_port("4242", 20000, 29999, restart=0), master_port("4242", 20000, 29999, restart=1)
+    assert first != rerun
+    candidates = port_candidates("4242", 20000, 29999, restart=1)
+    assert candidates[0] == rerun and len(set(candidates)) == len(candidates) == 8
+    assert all(20000 <= p <= 29999 for p in candidates)
+    assert port_candidates("7", 30000, 30000) == (30000,)  # a one-port range has no fallback
+
+
+def _env(local_rank: int, per_node: int = 8) -> JobEnv:
+    return JobEnv(launcher="slurm", job_id="1", rank=8 + local_rank, local_rank=local_rank,
+                  world_size=2 * per_node, node_rank=1, num_nodes=2, hostnames=("n1", "n2"), node_name="n2")
+
+
+@pytest.mark.parametrize("local_rank,visible,device", [
+    (5, 8, "cuda:5"),   # --gpu-bind=none: every GPU of the node visible
+    (5, 1, "cuda:0"),   # one GPU bound to each task
+    (5, 4, "cuda:1"),   # --gpu-bind=closest: the socket's 4 GPUs, ranks 4-7 share them
+    (3, 4, "cuda:3"),
+])
+def test_the_device_follows_what_the_rank_sees(local_rank: int, visible: int, device: str) -> None:
+    assert cuda_device(_env(local_rank), visible) == device
+
+
+def test_gpus_that_cannot_be_shared_evenly_are_refused() -> None:
+    with pytest.raises(RendezvousError, match="sees 3 GPU.*runs 8 ranks.*cluster.gpu_bind"):
+        cuda_device(_env(0), 3)
+
+
+IFACES = {"lo": ["127.0.0.1"], "eth0": ["10.0.0.7"], "ib0": ["172.16.0.7"], "docker0": ["172.17.0.1"]}
+
+
+def _gloo(master: str = "172.16.0.1", *, nodes: int = 2, nccl: str | None = "^lo,docker",
+          environ: dict[str, str] | None = None, routes: dict[str, str] | None = None):
+    routes = routes or {"172.16.0.1": "172.16.0.7", "10.0.0.1": "10.0.0.7", "127.0.1.1": "127.0.0.1"}
+    return choose_gloo_interface(master, num_nodes=nodes, nccl_ifname=nccl, environ=environ or {},
+                                 interfaces=lambda: IFACES, source=routes.__getitem__)
+
+
+def test_gloo_takes_the_interface_that_routes_to_the_rendezvous_address() -> None:
+    # An NCCL exclusion list names no interface gloo could take: derive from the route.
+    assert (_gloo().ifname, _gloo().address) == ("ib0", "172.16.0.7")
+    assert _gloo("10.0.0.1").ifname == "eth0"
+
+
+def test_gloo_takes_an_exactly_named_nccl_interface_or_the_environment() -> None:
+    assert exact_ifname("=ib0") == exact_ifname("ib0") == "ib0"
+    assert exact_ifname("^lo,docker") is None and exact_ifname("ib0,ib1") is None
+    assert _gloo("10.0.0.1", nccl="=ib0").ifname == "ib0"
+    assert _gloo("10.0.0.1", nccl="=ib9").ifname == "eth0"  # not on this node: fall back to the route
+    chosen = _gloo(environ={"GLOO_SOCKET_IFNAME": "eth0"})
+    assert (chosen.ifname, chosen.address) == ("eth0", "10.0.0.7")
+
+
+def test_gloo_on_loopback_is_refused_on_several_nodes_only() -> None:
+    with pytest.raises(NetworkError, match="gloo would bind loopback .*2 nodes.*cluster.nccl.socket_ifname"):
+        _gloo("127.0.1.1")
+    assert _gloo("127.0.1.1", nodes=1).ifname is None
+
+
+def test_gloo_interface_of_this_machine_is_real() -> None:
+    """The probes themselves, on this machine: the route to its own routable address stays on it."""
+    from hpc.launch.network import interface_addresses, route_source
+
+    table = interface_addresses()
+    assert "127.0.0.1" in table.get("lo", [])
+    assert route_source("127.0.0.1") == "127.0.0.1"
+
+
+def test_the_port_file_carries_rank_0s_port(tmp_path) -> None:
+    port_file = tmp_path / "rendezvous" / "9.1.port"
+    (tmp_path / "rendezvous").mkdir()
+    (tmp_path / "rendezvous" / "9.0.port").write_text("10.0.0.1 20001\n")  # the run before
+    publish_port(port_file, "10.0.0.1", 20123)
+    assert read_port(port_file, timeout_s=1) == 20123
+    assert not (tmp_path / "rendezvous" / "9.0.port").exists()
+    clock = iter(range(100)).__next__
+    with pytest.raises(RendezvousError, match="did not publish its rendezvous port .*shares"):
+        read_port(tmp_path / "rendezvous" / "9.2.port", timeout_s=3, clock=clock, sleep=lambda s: None)
+
+
+def test_rank_0_listens_on_the_next_port_when_one_is_taken(tmp_path) -> None:
+    """Real TCPStores: the first candidate is held by someone else; rank 0 takes the next one and
+    publishes it, and a client that read the file meets it there."""
+    import socket
+
+    import torch.distributed as dist
+
+    from hpc.launch.rendezvous import Rendezvous
+
+    blocker = socket.socket()
+    blocker.bind(("0.0.0.0", 0))
+    blocker.listen()
+    taken = blocker.getsockname()[1]
+    with socket.socket() as probe:
+        probe.bind(("0.0.0.0", 0))
+        free = probe.getsockname()[1]
+    rdzv = Rendezvous(0, 0, 2, "127.0.0.1", "n1", taken, "gloo", "cpu", port_candidates=(taken, free))
+    port_file = tmp_path / "rendezvous" / "1.0.port"
+    try:
+        store, port = host_store(rdzv, timeout_s=10, port_file=port_file)
+        assert port == free and read_port(port_file, timeout_s=1) == free
+        client = dist.TCPStore("127.0.0.1", read_port(port_file, timeout_s=1), 2, is_master=False,
+                               timeout=__import__("datetime").timedelta(seconds=10))
+        client.set("hello", "rank1")
+        assert store.get("hello") == b"rank1"
+    finally:
+        blocker.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from hpc import slurm
 from hpc.config import compose, from_yaml
 from hpc.submit.plan import build_plan
 from slurm_jobs import ROOT, job_id_of, submit, wait_done
@@ -31,6 +32,9 @@ _job_id, _wait_done = job_id_of, wait_done
 def test_tiny_cpu_runs_on_two_nodes_and_the_preflight_spans_them(
         cluster_env: dict[str, str], tmp_path: Path, gpus_per_node: int) -> None:
     args = ["exp=tiny_cpu", "nodes=2", f"gpus_per_node={gpus_per_node}", f"run.root={tmp_path}", "run.name=two"]
+    if gpus_per_node == 1:
+        # One rank per node with both of the node's cores, bound by srun as on a GPU cluster.
+        args += ["slurm.cpus_per_task=2", "cluster.cpu_bind=cores"]
     proc = _submit(cluster_env, *args, "--wait")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     world = 2 * gpus_per_node
@@ -40,6 +44,18 @@ def test_tiny_cpu_runs_on_two_nodes_and_the_preflight_spans_them(
     rows = [line.split() for line in log.splitlines() if line[:1].isdigit() and "ok" in line.split()]
     node_of = {int(row[0]): row[2] for row in rows}
     assert sorted(node_of) == list(range(world)), log
+    # columns: rank local node host pid device cpus gloo-interface gloo-address scratch (free) status
+    cpus = {int(row[0]): int(row[6]) for row in rows}
+    if gpus_per_node == 1:
+        # srun got --cpus-per-task=2: without it SLURM 22.05 binds each rank to one core.
+        assert cpus == {0: 2, 1: 2}, log
+    # The nodes answer on a routable address, so gloo must not sit on loopback (it would on a
+    # host whose own name resolves to 127.0.x.x, like this one, without the derived interface).
+    node_addr = slurm.run(["scontrol", "show", "node", "n1"], env=cluster_env).split("NodeAddr=")[1].split()[0]
+    gloo_addrs = {row[8] for row in rows}
+    if not node_addr.startswith("127."):
+        assert gloo_addrs == {node_addr}, log
+    assert f"gloo on {', '.join(sorted(gloo_addrs))}" in proc.stdout
     # Block placement: ranks 0..g-1 on the first node, g..2g-1 on the second, two distinct nodes.
     first, second = node_of[0], node_of[world - 1]
     assert first != second and first.startswith("n") and second.startswith("n")

@@ -20,15 +20,22 @@ class NcclConfig:
     """NCCL environment exported in the sbatch script (from the cluster preset)."""
 
     socket_ifname: str | None = None
-    """NCCL_SOCKET_IFNAME (and GLOO_SOCKET_IFNAME): the interface for bootstrap traffic."""
+    """NCCL_SOCKET_IFNAME: the interface for NCCL's bootstrap traffic. Prefer a positive name or
+    prefix ('ib0', '=eth1'); an exclusion list ('^lo,docker') matches any other interface, virtual
+    ones included. A plain name is also gloo's (GLOO_SOCKET_IFNAME); otherwise each rank derives
+    gloo's from the address the rendezvous reaches the first node on."""
     ib_hca: str | None = None
-    """NCCL_IB_HCA: InfiniBand adapters to use, e.g. 'mlx5'."""
+    """NCCL_IB_HCA: InfiniBand adapters and ports to use. List them ('=mlx5_0:1,mlx5_1:1'): a bare
+    prefix ('mlx5') also matches the Ethernet-mode and storage ports of the same card."""
     async_error_handling: bool = True
     """TORCH_NCCL_ASYNC_ERROR_HANDLING=1: a hung collective kills the job instead of hanging it."""
     timeout_s: int = 1800
     """Collective timeout passed to init_process_group."""
     debug: str | None = "WARN"
     """NCCL_DEBUG level (None leaves it unset)."""
+    show_transport: bool = True
+    """On a run's first start (not on requeues), log NCCL's chosen interfaces and transports
+    (NCCL_DEBUG=INFO, NCCL_DEBUG_SUBSYS=INIT,NET), so a wrong NIC shows in the first log."""
     env: dict[str, str] = field(default_factory=dict)
     """Further NCCL_* / FI_* variables, exported as given."""
 
@@ -38,6 +45,9 @@ class NcclConfig:
             require_single_line(f"cluster.nccl.{key}", getattr(self, key))
         _require_env_vars("cluster.nccl.env", self.env)
 
+
+CPU_BINDS = ("cores", "threads", "sockets", "ldoms", "rank", "none")
+GPU_BINDS = ("none", "closest")
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -63,7 +73,14 @@ class ClusterConfig:
     max_nodes: int | None = None
     """Nodes the cluster has, when known (a larger slurm.nodes is refused at submit time)."""
     cpus_per_gpu: int | None = None
-    """Default --cpus-per-task for each rank."""
+    """Default --cpus-per-task for each rank (given to srun too: SLURM 22.05-23.02 do not pass the
+    allocation's value on, and every rank would share one core)."""
+    cpu_bind: str = "cores"
+    """srun --cpu-bind: 'cores' pins each rank to its own cores; 'none' leaves placement to the
+    kernel (for nodes that share cores, like the project's one-host test cluster)."""
+    gpu_bind: str = "none"
+    """srun --gpu-bind: 'none' shows every rank all of the node's GPUs and each takes the one at its
+    local rank (NCCL sees every peer for P2P); with 'closest' or 'single:1' a rank uses what it sees."""
     mem_per_gpu_gb: float | None = None
     """Default memory per rank; the job asks nodes' share of it with --mem."""
     peak_tflops: float = 1.0
@@ -93,4 +110,9 @@ class ClusterConfig:
         for i, module in enumerate(self.modules):
             require_single_line(f"cluster.modules[{i}]", module)
         require_slurm_name("cluster.partition", self.partition)
+        require_choice("cluster.cpu_bind", self.cpu_bind, CPU_BINDS)
+        require(self.gpu_bind in GPU_BINDS or self.gpu_bind.startswith(("single:", "map_gpu:", "mask_gpu:")),
+                f"cluster.gpu_bind='{self.gpu_bind}' is not one of {', '.join(GPU_BINDS)}, single:N, "
+                "map_gpu:LIST or mask_gpu:LIST")
+        require_single_line("cluster.gpu_bind", self.gpu_bind)
         _require_env_vars("cluster.env", self.env)

@@ -67,7 +67,9 @@ class SlurmConfig:
     mem_gb: float | None = None
     """Memory per node in GB (defaults to cluster.mem_per_gpu_gb x gpus_per_node)."""
     exclusive: bool = False
-    """Ask for whole nodes."""
+    """Ask for whole nodes, with all their memory (--mem=0 unless mem_gb is given)."""
+    wckey: str | None = None
+    """Workload characterization key (--wckey), only where the site accounts by it."""
     job_name: str | None = None
     """Job name shown by squeue (defaults to the run name)."""
     extra: dict[str, str] = field(default_factory=dict)
@@ -77,7 +79,7 @@ class SlurmConfig:
         require_positive("slurm.nodes", self.nodes)
         require_positive("slurm.gpus_per_node", self.gpus_per_node)
         time_to_minutes(self.time)
-        for key in ("partition", "account", "qos", "reservation"):
+        for key in ("partition", "account", "qos", "reservation", "wckey"):
             require_slurm_name(f"slurm.{key}", getattr(self, key))
         for key in ("constraint", "exclude", "job_name"):
             require_single_line(f"slurm.{key}", getattr(self, key))

@@ -7,6 +7,7 @@ A failure names the rank and host, so a bad node can be found (and later exclude
 from __future__ import annotations
 
 import getpass
+import ipaddress
 import os
 import shutil
 import socket
@@ -41,6 +42,10 @@ class RankReport:
     device: str
     scratch: str
     scratch_free_gb: float
+    gloo: str = ""
+    """gloo's interface and this rank's address on it (the checkpoint group and async saves use it)."""
+    cpus: int = 0
+    """CPUs this rank may run on (its affinity): 1 where several were asked means srun bound it short."""
     error: str | None = None
 
 
@@ -86,17 +91,40 @@ def local_report(env: JobEnv, rdzv: Rendezvous, cfg: Config) -> RankReport:
     scratch = scratch_path(cfg.cluster.scratch_dir, env)
     free_gb, error = check_scratch(scratch, env.rank)
     error = check_world(env, cfg) or error
+    error = error or check_gloo_address(env, rdzv)
+    gloo = f"{rdzv.gloo_ifname or 'default'} {rdzv.gloo_addr}".strip()
     return RankReport(env.rank, env.local_rank, env.node_name, socket.gethostname(), os.getpid(),
-                      rdzv.device, str(scratch), round(free_gb, 1), error)
+                      rdzv.device, str(scratch), round(free_gb, 1), gloo, len(os.sched_getaffinity(0)), error)
+
+
+def check_gloo_address(env: JobEnv, rdzv: Rendezvous) -> str | None:
+    """On several nodes gloo must not sit on loopback: its peers would dial themselves."""
+    if env.num_nodes > 1 and rdzv.gloo_addr and ipaddress.ip_address(rdzv.gloo_addr).is_loopback:
+        return (f"gloo is on loopback ({rdzv.gloo_addr}) in a job on {env.num_nodes} nodes. HINT: set "
+                "cluster.nccl.socket_ifname to the interface the nodes share")
+    return None
 
 
 def format_table(reports: list[RankReport]) -> str:
-    rows = [("rank", "local", "node", "host", "pid", "device", "scratch (free GB)", "status")]
+    rows = [("rank", "local", "node", "host", "pid", "device", "cpus", "gloo", "scratch (free GB)", "status")]
     for r in reports:
-        rows.append((str(r.rank), str(r.local_rank), r.node, r.host, str(r.pid), r.device,
+        rows.append((str(r.rank), str(r.local_rank), r.node, r.host, str(r.pid), r.device, str(r.cpus), r.gloo,
                      f"{r.scratch} ({r.scratch_free_gb:.1f})", "ok" if r.error is None else "FAILED"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _gloo_all_reduce(rdzv: Rendezvous) -> float:
+    import torch
+    import torch.distributed as dist
+
+    group = dist.new_group(backend="gloo")
+    try:
+        value = torch.tensor([float(rdzv.rank + 1)])
+        dist.all_reduce(value, group=group)
+        return float(value.item())
+    finally:
+        dist.destroy_process_group(group)
 
 
 def run_preflight(env: JobEnv, rdzv: Rendezvous, cfg: Config) -> dict[str, Any]:
@@ -127,9 +155,17 @@ def run_preflight(env: JobEnv, rdzv: Rendezvous, cfg: Config) -> dict[str, Any]:
     if got != expected:
         raise PreflightError(f"all-reduce over {rdzv.world_size} ranks gave {got}, expected {expected} "
                              f"(seen on rank {rdzv.rank}, {mine.node})")
+    if "gloo" not in rdzv.backend or "nccl" in rdzv.backend:
+        # Training runs on NCCL, but checkpoints and async saves talk over gloo: prove it too.
+        gloo_sum = _gloo_all_reduce(rdzv)
+        if gloo_sum != expected:
+            raise PreflightError(f"gloo all-reduce over {rdzv.world_size} ranks gave {gloo_sum}, expected "
+                                 f"{expected} (seen on rank {rdzv.rank}, {mine.node}, gloo {mine.gloo})")
     nodes = sorted({r.node for r in reports})
     summary = (f"preflight ok: {rdzv.world_size} rank(s) on {len(nodes)} node(s) ({', '.join(nodes)}), "
                f"backend {rdzv.backend}, all-reduce sum {got:g} == {expected:g} in {seconds * 1e3:.1f} ms")
+    gloo_addrs = sorted({r.gloo.split()[-1] for r in reports if r.gloo})
+    summary += f"; gloo on {', '.join(gloo_addrs) or 'default'}"
     return {"summary": summary, "table": format_table(reports), "world_size": rdzv.world_size,
             "backend": rdzv.backend, "allreduce_ms": seconds * 1e3, "nodes": nodes,
             "ranks": [asdict(r) for r in reports]}

@@ -86,6 +86,7 @@ def _slurm_parameters(cfg: Config, setup: list[str], lead_s: int) -> dict[str, A
     if slurm.reservation:
         extra["reservation"] = slurm.reservation
     extra.update({name: str(value) for name, value in slurm.extra.items()})
+    cpus_per_task = slurm.cpus_per_task or cluster.cpus_per_gpu
     params: dict[str, Any] = {
         "job_name": slurm.job_name or cfg.run_name,
         "time": slurm.time_min,
@@ -93,9 +94,11 @@ def _slurm_parameters(cfg: Config, setup: list[str], lead_s: int) -> dict[str, A
         "ntasks_per_node": slurm.gpus_per_node,  # one rank per GPU
         "signal_delay_s": lead_s,
         "setup": setup,
-        # One dead rank ends the step at once instead of leaving the others hung in a collective.
-        "srun_args": ["--kill-on-bad-exit=1"],
+        "srun_args": _srun_args(cfg, cpus_per_task),
         "additional_parameters": extra,
+        # submitit tags every job with --wckey=submitit; sites that account by wckey reject
+        # unknown keys, so it is there only when asked for.
+        "wckey": slurm.wckey,
     }
     if cluster.accelerator == "cuda":
         params["gpus_per_node"] = slurm.gpus_per_node
@@ -105,15 +108,36 @@ def _slurm_parameters(cfg: Config, setup: list[str], lead_s: int) -> dict[str, A
         "qos": slurm.qos,
         "constraint": slurm.constraint,
         "exclude": slurm.exclude,
-        "cpus_per_task": slurm.cpus_per_task or cluster.cpus_per_gpu,
+        "cpus_per_task": cpus_per_task,
     }
     params.update({key: value for key, value in optional.items() if value is not None})
-    mem_gb = slurm.mem_gb or (cluster.mem_per_gpu_gb and cluster.mem_per_gpu_gb * slurm.gpus_per_node)
+    mem_gb = slurm.mem_gb or (not slurm.exclusive and cluster.mem_per_gpu_gb
+                              and cluster.mem_per_gpu_gb * slurm.gpus_per_node)
     if mem_gb:
         params["mem"] = f"{int(mem_gb)}GB" if float(mem_gb).is_integer() else f"{int(mem_gb * 1024)}MB"
     if slurm.exclusive:
         params["exclusive"] = True
+        if not slurm.mem_gb:
+            # All of the node's memory: a size computed from the preset may be more than a node has
+            # after the OS's share, and the job would never start.
+            params["mem"] = "0"
     return params
+
+
+def _srun_args(cfg: Config, cpus_per_task: int | None) -> list[str]:
+    """How srun places the ranks: one dead rank ends the step at once (instead of leaving the others
+    hung in a collective); CPUs per rank given again (SLURM 22.05-23.02 srun does not inherit
+    --cpus-per-task from the allocation, so every rank would get one core, which starves the
+    checkpoint writers and CPU Adam); consecutive ranks packed on a node and on a socket (block:block,
+    so a node's local ranks follow its GPU numbering); explicit CPU and GPU binding."""
+    cluster = cfg.cluster
+    args = ["--kill-on-bad-exit=1"]
+    if cpus_per_task:
+        args.append(f"--cpus-per-task={cpus_per_task}")
+    args += [f"--cpu-bind={cluster.cpu_bind}", "--distribution=block:block"]
+    if cluster.accelerator == "cuda":
+        args.append(f"--gpu-bind={cluster.gpu_bind}")
+    return args
 
 
 def _local_parameters(cfg: Config, setup: list[str], lead_s: int) -> dict[str, Any]:

@@ -26,8 +26,6 @@ def _environment() -> jinja2.Environment:
         keep_trailing_newline=False,
     )
     env.filters["q"] = lambda value: shlex.quote(str(value))
-    # NCCL takes exclusion lists ('^lo,docker'); gloo takes one interface name only.
-    env.tests["plain_ifname"] = lambda name: not any(c in str(name) for c in "^,")
     return env
 
 

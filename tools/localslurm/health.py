@@ -74,7 +74,8 @@ def hosts_in_namespace(pid: int) -> bool:
         return True
     except OSError:
         return False
-    return any(line.split()[:1] == ["127.0.0.1"] and "n1" in line.split() for line in text.splitlines())
+    # Our hosts file comes first: the first line naming n1 is ours (node names -> the node address).
+    return any("n1" in line.split()[1:] for line in text.splitlines() if not line.lstrip().startswith("#"))
 
 
 def health(paths: Paths) -> list[Row]:
