@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from hpc.config import Config
 from hpc.launch.environment import JobEnv, detect
+from hpc.launch.extensions import prepare_extension_builds
 from hpc.launch.preflight import run_preflight, scratch_path
 from hpc.launch.rendezvous import broadcast_object, join, shutdown_process_group
 from hpc.run_folder import RunFolder
@@ -75,6 +76,11 @@ def _run(cfg: Config, env: JobEnv, supervisor: Supervisor, run_dir: Path) -> dic
         from hpc.config.deepspeed_check import validate_deepspeed_config
 
         validate_deepspeed_config(build_deepspeed_config(cfg))
+        if cfg.cluster.kind == "slurm":
+            # DeepSpeed JIT-builds its ops (CPU Adam) on first use: into node-local scratch, not the
+            # shared ~/.cache where one killed build's lock hangs every later job. (On a laptop,
+            # cluster=local, torch's own cache is already local and outlives the run.)
+            prepare_extension_builds(scratch_path(cfg.cluster.scratch_dir, env))
     local_world = env.tasks_per_node
     rdzv = join(env, cfg, local_world_size=local_world, rendezvous_timeout_s=cfg.launch.init_timeout_s,
                 collective_timeout_s=cfg.cluster.nccl.timeout_s,

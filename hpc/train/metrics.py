@@ -28,6 +28,15 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def peak_reserved_bytes(device: torch.device) -> int | None:
+    """CUDA: the caching allocator's reserved high-water mark (None elsewhere). Reserved minus
+    allocated is memory held in cached blocks and lost to fragmentation: an OOM while the allocated
+    peak looks fine shows up here."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device)
+    return None
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a new high-water mark (per benchmark case)."""
     if device.type == "cuda":
@@ -55,16 +64,27 @@ class StepMetrics:
     mfu: float
     """Model FLOPs utilisation: achieved FLOP/s over world_size x cluster.peak_tflops."""
     peak_mem_gb: float
-    """This rank's (rank 0's) peak memory."""
+    """This rank's (rank 0's) peak memory: CUDA max_memory_allocated, CPU peak resident set."""
     consumed_samples: int
     """Global samples consumed: the data position."""
     time: float
     """Unix time of the record."""
+    peak_reserved_gb: float | None = None
+    """CUDA: this rank's max_memory_reserved (the allocator's cache included); None on CPU."""
 
     def line(self, max_steps: int) -> str:
+        reserved = "" if self.peak_reserved_gb is None else f" (reserved {self.peak_reserved_gb:.2f} GB)"
         return (f"step {self.step}/{max_steps} loss {self.loss:.4f} lr {self.lr:.2e} "
                 f"gnorm {self.grad_norm:.3f} | {self.tokens_per_s:,.0f} tok/s "
-                f"{self.step_time_s * 1e3:.1f} ms/step MFU {self.mfu:.2%} | mem {self.peak_mem_gb:.2f} GB")
+                f"{self.step_time_s * 1e3:.1f} ms/step MFU {self.mfu:.2%} | mem {self.peak_mem_gb:.2f} GB"
+                f"{reserved}")
+
+    def record(self) -> dict[str, float | int]:
+        """The JSONL record; a CPU record has no peak_reserved_gb key at all."""
+        fields = asdict(self)
+        if self.peak_reserved_gb is None:
+            del fields["peak_reserved_gb"]
+        return fields
 
 
 class Meter:
@@ -93,7 +113,7 @@ class Meter:
             step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
             step_time_s=step_time, mfu=tokens_per_s * self.flops_per_token / self.peak_flops,
             peak_mem_gb=peak_memory_bytes(self.device) / 2**30, consumed_samples=consumed,
-            time=time.time())
+            time=time.time(), peak_reserved_gb=_gb(peak_reserved_bytes(self.device)))
 
     def summary(self, skip_first: int = 1) -> dict[str, float]:
         """Steady-state means, leaving out the first step(s) (allocator warm-up, lazy init)."""
@@ -102,9 +122,17 @@ class Meter:
             return {"steps": 0}
         step_time = sum(times) / len(times)
         tokens_per_s = self.tokens_per_step / step_time
-        return {"steps": len(self.step_times), "step_time_s": step_time, "tokens_per_s": tokens_per_s,
-                "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
-                "peak_mem_gb": peak_memory_bytes(self.device) / 2**30}
+        summary = {"steps": len(self.step_times), "step_time_s": step_time, "tokens_per_s": tokens_per_s,
+                   "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
+                   "peak_mem_gb": peak_memory_bytes(self.device) / 2**30}
+        reserved = peak_reserved_bytes(self.device)
+        if reserved is not None:
+            summary["peak_reserved_gb"] = reserved / 2**30
+        return summary
+
+
+def _gb(nbytes: int | None) -> float | None:
+    return None if nbytes is None else nbytes / 2**30
 
 
 class MetricsLog:
@@ -119,4 +147,4 @@ class MetricsLog:
         if self.path is None:
             return
         with self.path.open("a") as out:
-            out.write(json.dumps(asdict(metrics)) + "\n")
+            out.write(json.dumps(metrics.record()) + "\n")
