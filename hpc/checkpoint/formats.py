@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from hpc.checkpoint.manifest import CheckpointError
+from hpc.checkpoint.staging import FlatStager, rank_share
 from hpc.faults import ENV as FAULTS_ENV
 from hpc.faults import fault_point
 from hpc.train import rng
@@ -39,33 +40,6 @@ def _done(value: Any = None) -> Future:
     future: Future = Future()
     future.set_result(value)
     return future
-
-
-class _ReusedBuffersStager:
-    """Copies the state into host buffers allocated once and reused by every save (the copy is
-    all the loop waits for). Pinned on a GPU machine; plain memory on CPU, where pinning fails.
-    Safe to reuse because a save starts only after the previous one finished writing."""
-
-    def __init__(self, pin: bool) -> None:
-        self.pin = pin
-        self.buffers: Any = None
-
-    def stage(self, state_dict: Any) -> Any:
-        from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
-
-        if self.buffers is None:
-            self.buffers = _create_cpu_state_dict(state_dict, pin_memory=self.pin)
-        return _copy_state_dict(state_dict, self.buffers)
-
-    @property
-    def should_synchronize_after_execute(self) -> bool:
-        return False
-
-    def synchronize_staging(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.buffers = None
 
 
 class _FaultyStream:
@@ -113,7 +87,7 @@ class StateFormat:
     def __init__(self, engine: Engine, *, group: Any, streams: int, async_save: bool) -> None:
         self.engine, self.group, self.streams, self.async_save = engine, group, streams, async_save
         self.name = format_of(engine)
-        self.stager = _ReusedBuffersStager(pin=torch.cuda.is_available() and engine.world.is_cuda) \
+        self.stager = FlatStager(pin=torch.cuda.is_available() and engine.world.is_cuda) \
             if self.name == "dcp" else None
 
     def _dcp_state(self) -> dict[str, Any]:
@@ -133,7 +107,10 @@ class StateFormat:
         import torch.distributed.checkpoint as dcp
 
         writer = _dcp_writer(folder, self.streams, step, rank)
-        state = self._dcp_state()
+        world = dist.get_world_size(self.group) if dist.is_initialized() else 1
+        # Only what this rank writes: DCP writes each replicated tensor once, so under DDP the
+        # ranks' shares together are one replica instead of every rank copying all of it.
+        state = rank_share(self._dcp_state(), dist.get_rank(self.group) if world > 1 else 0, world)
         if not self.async_save or not dist.is_initialized():
             return _done(dcp.save(state, storage_writer=writer, process_group=self.group,
                                   no_dist=not dist.is_initialized()))
