@@ -10,7 +10,7 @@ stage and the stages above it in this table (tests/test_architecture.py holds th
     config      config/        typed schema, presets + CLI overrides, errors, DeepSpeed JSON
     submit      submit/        the plan (pure) -> --dry-run prints it; submission via submitit
     slurm       slurm.py       the one seam for sbatch/scontrol/squeue/sacct and SLURM's env
-    launch      launch/        who am I (JobEnv), rendezvous, preflight
+    launch      launch/        who am I (JobEnv), network, rendezvous, preflight, op builds
     train       train/         model, data, strategies/ (one file per engine), loop, rng, metrics
     checkpoint  checkpoint/    save -> scratch -> upload -> commit; restore; formats; storage
     requeue     requeue/       signal flags, budgets, timelines, deadlines, hand-back to SLURM
