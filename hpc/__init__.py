@@ -14,7 +14,7 @@ stage and the stages above it in this table (tests/test_architecture.py holds th
     train       train/         model, data, strategies/ (one file per engine), loop, rng, metrics
     checkpoint  checkpoint/    save -> scratch -> upload -> commit; restore; formats; storage
     requeue     requeue/       signal flags, budgets, timelines, deadlines, hand-back to SLURM
-    bench       bench/         benchmarks on local ranks: strategies, checkpoints
+    bench       bench/         benchmarks on local ranks: strategies, checkpoints, the GPU check
     status      status.py      `python -m hpc.status RUN`
     job         job.py         the job's entry point: launch -> train (+ checkpoints) -> requeue
 
