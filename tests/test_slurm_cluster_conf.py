@@ -16,7 +16,7 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 if str(TOOLS) not in sys.path:  # tools/slurm_cluster.py runs as a script; its package is not installed
     sys.path.insert(0, str(TOOLS))
 
-from localslurm.conf import env_lines, hosts_text, slurm_conf_text, slurmdbd_conf_text  # noqa: E402
+from localslurm.conf import env_lines, hosts_text, preempt_conf_text, slurm_conf_text, slurmdbd_conf_text  # noqa: E402
 from localslurm.paths import Paths  # noqa: E402
 from golden_files import check_golden  # noqa: E402
 
@@ -80,3 +80,11 @@ def test_conf_module_reads_nothing_from_the_machine() -> None:
     modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     modules |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert modules <= {"__future__", "localslurm.paths"}, modules
+
+
+def test_slurm_conf_includes_the_preemption_signal_switch_off_by_default() -> None:
+    text = slurm_conf_text(ROOT, PORTS, FIRST_JOB_ID, HOST, "192.0.2.2")
+    assert f"Include {ROOT.preempt_conf}" in text.splitlines()
+    assert "SlurmctldParameters" not in _settings(text)  # the included file alone sets it
+    assert "SlurmctldParameters" not in _settings(preempt_conf_text(user_signal=False))
+    assert _settings(preempt_conf_text(user_signal=True))["SlurmctldParameters"] == "preempt_send_user_signal"

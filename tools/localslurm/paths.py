@@ -53,6 +53,11 @@ class Paths:
         return self.etc / "slurmdbd.conf"
 
     @property
+    def preempt_conf(self) -> Path:
+        """Included by slurm.conf: whether a preempted job gets its own warning signal (see conf.py)."""
+        return self.etc / "preempt.conf"
+
+    @property
     def hosts(self) -> Path:
         return self.etc / "hosts"
 

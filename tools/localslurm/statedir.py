@@ -16,7 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-from localslurm.conf import env_lines, hosts_text, slurm_conf_text, slurmdbd_conf_text
+from localslurm.conf import env_lines, hosts_text, preempt_conf_text, slurm_conf_text, slurmdbd_conf_text
 from localslurm.paths import NODES, ClusterError, Paths, short_hostname
 from localslurm.processes import read_pid
 
@@ -143,6 +143,7 @@ def write_configs(paths: Paths) -> dict[str, int]:
     ports = choose_ports(paths)
     node_addr = routable_address()
     paths.slurm_conf.write_text(slurm_conf_text(paths, ports, first_job_id(paths), short_hostname(), node_addr))
+    paths.preempt_conf.write_text(preempt_conf_text(user_signal=False))
     write_private(paths.slurmdbd_conf, slurmdbd_conf_text(paths, ports, db_password(paths)))
     paths.hosts.write_text(hosts_text(short_hostname(), machine_hosts(), node_addr))
     return ports
