@@ -5,6 +5,8 @@
                    what kind of failure an error is
     history.py     the run's record: one line per run outcome, one file per rank and run
     saves.py       what requeue reads of checkpoints: the CheckpointRecord protocol
+    accounting.py  what SLURM says where our record cannot: a preemption under way (PreemptTime),
+                   how the previous run ended (sacct: PREEMPTED when its grace time ran out)
     timeline.py    why a run started, and how long it took from the stop signal to training again
     deadline.py    the lead SLURM was asked for, measured save times, the job's own deadline
     handback.py    after the agreed stop: decide, record, `scontrol requeue` (rank 0)

@@ -5,13 +5,16 @@ that ended without a word from rank 0 failed: a rank crashed or was killed, a no
 preflight check failed. Then this decides, from the ranks' records (hpc.requeue.history):
 
     permanent error (config, refused checkpoint)  -> not requeued: it would fail the same way
+    preempted, the grace time ran out (PREEMPTED) -> a preemption, not a failure; SLURM requeued
+                                                     the job already (PreemptMode=REQUEUE)
     failure budget spent                          -> not requeued, with a message saying so
     otherwise                                     -> requeued, leaving out the nodes at fault when
                                                      SLURM can still place the job without them
 
 The next run resumes from the newest committed checkpoint (checkpoint.resume=auto on restarts).
 Runs in a bare python (no torch) on the batch node; SIGTERM is ignored while it acts, because
-SLURM may be ending the job around it.
+SLURM may be ending the job around it. When SLURM ends the batch shell before this could run (srun
+outlasting KillWait), the next run asks accounting instead (requeue.supervisor).
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import argparse
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from hpc.config import from_yaml
-from hpc.requeue import history, policy
+from hpc.requeue import accounting, history, policy, timeline
 from hpc.run_folder import RunFolder
 
 
@@ -51,8 +55,9 @@ def after_srun(status: int, run_dir: Path, environ: dict[str, str]) -> int:
     step = _last_committed(cfg, run_dir)
     state = slurm.current_state(job_id)
     # SLURM ended this run itself: the time limit struck before the save (a timeout, budgeted as
-    # one), or someone cancelled the job (never undone from here).
-    reason = policy.TIMEOUT if state == "TIMEOUT" else policy.FAILURE
+    # one), a preemption's grace time ran out before the save committed (PREEMPTED: a preemption),
+    # or someone cancelled the job (never undone from here).
+    reason = policy.slurm_ending(state) if state in ("TIMEOUT", "PREEMPTED") else policy.FAILURE
     fields = dict(job_id=job_id, restart=restart, reason=reason, step=step, kind=failure.kind, state=state)
     if state == "CANCELLED" or failure.kind == "permanent":
         message = ("not requeued: the job was cancelled" if state == "CANCELLED" else
@@ -60,6 +65,14 @@ def after_srun(status: int, run_dir: Path, environ: dict[str, str]) -> int:
                    "rerun would meet again)")
         history.append_event(run_dir, history.GAVE_UP, detail=message, **fields)
         print(f"hpc: {message}", file=sys.stderr)
+        return 0
+    if reason == policy.PREEMPTION and _requeued_by_slurm(job_id, restart):
+        # PreemptMode=REQUEUE: SLURM has requeued the job already; asking again would requeue the rerun.
+        _, said = timeline.slurm_requeue(accounting.RunEnd(state, time.time()),
+                                         history.read_ranks(run_dir, job_id, restart))
+        history.append_event(run_dir, history.REQUEUED, **{**said, **fields})
+        _drop_result(run_dir, job_id)
+        print(f"hpc: {said['detail']} (last committed step {step})", file=sys.stderr)
         return 0
     decision = policy.decide(reason, events, job_id, policy.limits(cfg.requeue), step=step,
                              detail="the time limit struck before the stop was saved" if reason == policy.TIMEOUT
@@ -79,13 +92,27 @@ def after_srun(status: int, run_dir: Path, environ: dict[str, str]) -> int:
                   "without them", file=sys.stderr)
     history.append_event(run_dir, history.REQUEUED, detail=decision.message, excluded=list(exclude),
                          **fields)
-    # submitit's client treats a result file as the end of the job: this run's error is not.
-    for stale in RunFolder(run_dir).submitit.glob(f"{job_id}_*_result.pkl"):
-        stale.unlink(missing_ok=True)
+    _drop_result(run_dir, job_id)
     print(f"hpc: {decision.message}; requeued" + (f", excluding {', '.join(exclude)}" if exclude else ""),
           file=sys.stderr)
     slurm.requeue(job_id, exclude=exclude)
     return 0
+
+
+def _requeued_by_slurm(job_id: str, restart: int) -> bool:
+    """Has SLURM requeued the job itself (its restart count moved past this run's)?"""
+    from hpc import slurm
+
+    try:
+        return int(slurm.job_info(job_id).get("Restarts", "0") or 0) > restart
+    except (slurm.SlurmError, ValueError):
+        return False
+
+
+def _drop_result(run_dir: Path, job_id: str) -> None:
+    # submitit's client treats a result file as the end of the job: this run's error is not.
+    for stale in RunFolder(run_dir).submitit.glob(f"{job_id}_*_result.pkl"):
+        stale.unlink(missing_ok=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 
 from hpc.config import Config
 from hpc.launch.environment import JobEnv
-from hpc.requeue import history, policy
+from hpc.requeue import accounting, history, policy
 from hpc.requeue.saves import CheckpointRecord
 from hpc.requeue.signals import StopRequest, describe
 from hpc.slurm import SlurmError, current_state, parse_time, requeue
@@ -38,7 +38,9 @@ def decide(cfg: Config, env: JobEnv, run_dir: Path, job: dict[str, str], stop: S
     mask, step = stop.agreed_mask, checkpoints.last_committed
     end = parse_time(job.get("EndTime", ""))
     agreed_at = stop.agreed_at or time.time()
-    reason = policy.stop_reason(mask, end - agreed_at if end else None, lead_s)
+    # Asked now, after the save: SLURM may have decided to preempt the run while it saved.
+    preempted = accounting.preemption(env.job_id) if env.launcher == "slurm" else None
+    reason = policy.stop_reason(mask, end - agreed_at if end else None, lead_s, preempted=preempted is not None)
     decision = policy.decide(reason, history.read_events(run_dir), env.job_id, policy.limits(cfg.requeue),
                              step=step, detail=describe(mask))
     if cancelled(env):
@@ -49,6 +51,13 @@ def decide(cfg: Config, env: JobEnv, run_dir: Path, job: dict[str, str], stop: S
     last = outcomes[-1] if outcomes and outcomes[-1].committed else None
     stopped: dict[str, Any] = {"signal_at": stop.first_seen, "agreed_at": agreed_at, "committed_at": time.time(),
                                "save_phases": dict(last.seconds) if last else {}, "signals": describe(mask)}
+    if preempted is not None:  # when SLURM decided, and when it would have ended the run (GraceTime)
+        stopped.update(preempted_at=preempted.at, grace_ends_at=preempted.ends_at, grace_s=preempted.grace_s)
+        if preempted.grace_s is not None and preempted.ends_at is not None:
+            signal_at, committed_at = stop.first_seen or agreed_at, stopped["committed_at"]
+            log.info("preempted: SLURM ends this run %.0f s after it decided (the partition's GraceTime); "
+                     "the checkpoint committed %.1f s after the signal, %.0f s before that end",
+                     preempted.grace_s, committed_at - signal_at, preempted.ends_at - committed_at)
     fields = dict(job_id=env.job_id, restart=env.restart_count, reason=reason, step=step,
                   detail=decision.message, stop=stopped, nodes=list(env.hostnames))
     if decision.requeue:

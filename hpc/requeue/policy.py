@@ -16,8 +16,9 @@ from hpc.requeue.history import REQUEUED
 from hpc.requeue.signals import DEADLINE
 
 TIMEOUT, PREEMPTION, FAILURE, SLURM = "timeout", "preemption", "failure", "slurm"
-"""Reasons a run ended early. `slurm`: SLURM requeued the job itself (node failure, or preemption
-in REQUEUE mode) and this run's code never got to say why; it counts as a failure."""
+"""Reasons a run ended early. `slurm`: SLURM requeued the job itself (a node failure, a crash) and
+this run's code never got to say why; it counts as a failure. A preemption whose grace time ran out
+before the save committed is still a preemption (accounting says PREEMPTED: `slurm_ending`)."""
 
 SIGNAL_JITTER_S = 60
 """SLURM sends the warning up to ~30 s earlier than asked and checks limits every ~30 s."""
@@ -29,13 +30,25 @@ BUDGETS = {TIMEOUT: "max_requeues", PREEMPTION: "max_preemptions", FAILURE: "max
            SLURM: "max_failures"}
 
 
-def stop_reason(mask: int, remaining_s: float | None, lead_s: float) -> str:
-    """A stop near the end of the allocation is a timeout; any other signal is a preemption."""
+def stop_reason(mask: int, remaining_s: float | None, lead_s: float, *, preempted: bool = False) -> str:
+    """A stop SLURM says is a preemption (its PreemptTime is set: see requeue.accounting) is one,
+    however near the time limit; else a stop near the end of the allocation is a timeout, and any
+    other signal a preemption (the signal alone cannot tell: SIGTERM, or the job's own warning
+    signal with preempt_send_user_signal)."""
+    if preempted:
+        return PREEMPTION
     if mask & DEADLINE:
         return TIMEOUT
     if remaining_s is not None and remaining_s <= lead_s + SIGNAL_JITTER_S:
         return TIMEOUT
     return PREEMPTION
+
+
+def slurm_ending(state: str) -> str:
+    """The reason for a run that SLURM ended itself, from accounting's state of that run: PREEMPTED
+    (the grace time ran out before the job saved and requeued itself) counts as a preemption, TIMEOUT
+    as a timeout, anything else (NODE_FAIL, a crash SLURM requeued) as SLURM's doing, a failure."""
+    return {"PREEMPTED": PREEMPTION, "TIMEOUT": TIMEOUT}.get(state, SLURM)
 
 
 def limits(requeue: RequeueConfig) -> dict[str, int]:

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 # Kinds of stop request, one bit each (the loop ORs them across ranks).
 WARNING = 1
-"""SLURM's warning signal (USR2 or USR1): the time limit is near, or someone asked with scancel."""
+"""SLURM's warning signal (USR2 or USR1): the time limit is near, a preemption on a cluster with
+preempt_send_user_signal, or someone asked with scancel."""
 TERM = 2
 """SIGTERM: preemption (or the time limit itself, when the warning came too late)."""
 DEADLINE = 4

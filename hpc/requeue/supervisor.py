@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from hpc.config import Config
 from hpc.launch.environment import JobEnv
-from hpc.requeue import deadline, handback, history, policy, timeline
+from hpc.requeue import accounting, deadline, handback, history, policy, timeline
 from hpc.requeue.saves import CheckpointRecord, NoCheckpoints
 from hpc.requeue.signals import DEADLINE, TERM, WARNING, StopRequest, describe
 from hpc.run_folder import RunFolder
@@ -67,11 +67,12 @@ class Supervisor:
         self.why, self.previous = timeline.why_started(history.read_events(self.run_dir), env.job_id,
                                                        env.restart_count)
         if env.restart_count > 0 and self.previous is None:
-            # Our code never got to say: SLURM requeued the job itself (node failure, or a
-            # preemption in REQUEUE mode). Counted as a failure, so a flapping job stops.
-            self.previous = history.append_event(
-                self.run_dir, history.REQUEUED, job_id=env.job_id, restart=env.restart_count - 1,
-                reason=policy.SLURM, detail="requeued by SLURM (node failure or preemption)")
+            # Our code never got to say: SLURM ended the last run and requeued the job itself.
+            self.why, fields = timeline.slurm_requeue(
+                accounting.previous_run(env.job_id) if env.launcher == "slurm" else None,
+                history.read_ranks(self.run_dir, env.job_id, env.restart_count - 1))
+            self.previous = history.append_event(self.run_dir, history.REQUEUED, job_id=env.job_id,
+                                                 restart=env.restart_count - 1, **fields)
 
     def attach(self, checkpoints: CheckpointRecord) -> None:
         self.checkpoints = checkpoints

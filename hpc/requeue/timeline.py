@@ -7,15 +7,16 @@ step), so a slow restart names its slow phase (shown by `python -m hpc.status`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hpc.requeue import history, policy
+from hpc.requeue.accounting import RunEnd
 
 
 def why_started(events: Sequence[dict[str, Any]], job_id: str, restart: int) -> tuple[str, dict[str, Any] | None]:
     """(reason, the previous run's ending event or None). A restart that no one recorded the end
-    of was requeued by SLURM itself: the caller records that (reason policy.SLURM, no ending)."""
+    of was requeued by SLURM itself: the caller asks accounting why and records it (slurm_requeue)."""
     if restart > 0:
         previous = history.ending(events, job_id, restart - 1)
         if previous is None:
@@ -24,6 +25,33 @@ def why_started(events: Sequence[dict[str, Any]], job_id: str, restart: int) -> 
     if any(e.get("job_id") != job_id for e in events):
         return "resubmitted", None
     return "submitted", None
+
+
+def slurm_requeue(ended: RunEnd | None, ranks: Mapping[int, Mapping[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """(reason, fields of the `requeued` event to record) for a previous run that SLURM ended and
+    requeued itself, from accounting's word on that run (None: unknown) and its ranks' records: the
+    reason follows accounting's state (PREEMPTED: a preemption whose grace time ran out before the
+    save committed); the event is dated when that run ended (the restart's wait in the queue counts
+    from there) and its stop from the first signal a rank saw."""
+    state = ended.state if ended is not None else ""
+    reason = policy.slurm_ending(state)
+    if reason == policy.PREEMPTION:
+        detail = ("preempted, and the grace time ran out before the save committed: SLURM ended the run and "
+                  "requeued the job itself; the rerun resumes from the last committed checkpoint. HINT: the "
+                  "partition's GraceTime must exceed the save time (requeue/lead.json holds the measured need)")
+    elif state:
+        detail = f"SLURM ended the run ({state}) and requeued the job itself"
+    else:
+        detail = "requeued by SLURM (node failure or preemption)"
+    fields: dict[str, Any] = {"reason": reason, "detail": detail}
+    if state:
+        fields["state"] = state
+    if ended is not None and ended.ended_at is not None:
+        fields["at"] = ended.ended_at
+    signalled = [r["signalled_at"] for r in ranks.values() if r.get("signalled_at")]
+    if signalled:
+        fields["stop"] = {"signal_at": min(signalled)}
+    return reason, fields
 
 
 def _span(a: float | None, b: float | None) -> float | None:
