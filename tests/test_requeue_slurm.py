@@ -114,7 +114,7 @@ def test_preemption_by_usr2_then_sigterm_saves_requeues_and_completes(
         cluster_env: dict[str, str], tmp_path: Path) -> None:
     # A ten-minute limit: a signal this early is a preemption, not the time limit's warning.
     run = Run(cluster_env, tmp_path / "pre",
-              submit(cluster_env, "exp=tiny_cpu", "nodes=2", "train.max_steps=100", "train.log_every=5",
+              submit(cluster_env, "exp=tiny_cpu", "nodes=2", "train.max_steps=60", "train.log_every=5",
                      "time=10", f"run.root={tmp_path}", "run.name=pre", "--no-wait", faults="slow@step_end:ms=300"))
     for number, sig in enumerate(("USR2", "TERM"), start=1):
         wait_for(f"run {number} to train", lambda: run.step() >= 15 * number + 10 * (number - 1), 240)
@@ -133,7 +133,7 @@ def test_preemption_by_usr2_then_sigterm_saves_requeues_and_completes(
                             env=cluster_env, cwd=Path(__file__).resolve().parents[1])
     assert status.returncode == 0, status.stderr
     print(status.stdout)
-    assert "COMPLETED" in status.stdout and "preemption 2" in status.stdout and "step 100 of 100" in status.stdout
+    assert "COMPLETED" in status.stdout and "preemption 2" in status.stdout and "step 60 of 60" in status.stdout
 
 
 def test_a_killed_rank_requeues_the_job_without_its_node_and_it_resumes_from_the_last_commit(
