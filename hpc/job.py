@@ -84,7 +84,7 @@ def _run(cfg: Config, env: JobEnv, supervisor: Supervisor, run_dir: Path) -> dic
     local_world = env.tasks_per_node
     rdzv = join(env, cfg, local_world_size=local_world, rendezvous_timeout_s=cfg.launch.init_timeout_s,
                 collective_timeout_s=cfg.cluster.nccl.timeout_s,
-                port_file=RunFolder(run_dir).rendezvous_port(env.job_id, env.restart_count))
+                port_file=RunFolder(run_dir).rendezvous_port(env.job_id, env.restart_count, env.step))
     try:
         result = run_preflight(env, rdzv, cfg) if cfg.launch.preflight else {"summary": "preflight skipped"}
         if env.rank == 0:

@@ -8,7 +8,7 @@
         requeue/history.jsonl         one JSON line per run outcome: started, requeued, gave_up, finished
         requeue/ranks/<job>.<restart>/rank-R.json   each rank's record of one run
         requeue/lead.json             the warning lead measured saves need; the next submit reads it
-        rendezvous/<job>.<restart>.port   where rank 0 of that run listens (the other ranks read it)
+        rendezvous/<job>.<restart>.<step>.port   where rank 0 of that launch listens (the others read it)
 
 The login node (submit, status), the job and the batch shell all reach the same folder on shared
 storage, so they agree on these names by importing them from here, never by spelling them.
@@ -65,9 +65,9 @@ class RunFolder:
         """The folder of one run's per-rank records."""
         return self.requeue / "ranks" / f"{job_id}.{restart}"
 
-    def rendezvous_port(self, job_id: str, restart: int) -> Path:
-        """Where rank 0 of one run publishes its rendezvous address and port."""
-        return self.root / "rendezvous" / f"{job_id}.{restart}.port"
+    def rendezvous_port(self, job_id: str, restart: int, step: str = "0") -> Path:
+        """Where rank 0 of one launch (job step of a run) publishes its rendezvous address and port."""
+        return self.root / "rendezvous" / f"{job_id}.{restart}.{step}.port"
 
     def task_log(self, job_id: str, task: int = 0, stream: str = "out") -> Path:
         """submitit's log of one task (`out` or `err`)."""

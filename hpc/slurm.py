@@ -198,4 +198,5 @@ def task_place(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
         hostnames=hosts,
         node_name=environ.get("SLURMD_NODENAME") or hosts[int(need("SLURM_NODEID"))],
         restart_count=int(environ.get("SLURM_RESTART_COUNT", "0") or 0),
+        step=environ.get("SLURM_STEP_ID", "0") or "0",
     )

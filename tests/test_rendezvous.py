@@ -173,6 +173,10 @@ def test_gloo_takes_an_exactly_named_nccl_interface_or_the_environment() -> None
     assert _gloo("10.0.0.1", nccl="=ib9").ifname == "eth0"  # not on this node: fall back to the route
     chosen = _gloo(environ={"GLOO_SOCKET_IFNAME": "eth0"})
     assert (chosen.ifname, chosen.address) == ("eth0", "10.0.0.7")
+    listed = _gloo(environ={"GLOO_SOCKET_IFNAME": "ib0,eth0"})  # gloo takes a list too
+    assert (listed.ifname, listed.address) == ("ib0,eth0", "172.16.0.7")
+    with pytest.raises(NetworkError, match="GLOO_SOCKET_IFNAME=ib9: this node has no IPv4 address on 'ib9'"):
+        _gloo(environ={"GLOO_SOCKET_IFNAME": "ib9"})
 
 
 def test_gloo_on_loopback_is_refused_on_several_nodes_only() -> None:
@@ -191,15 +195,31 @@ def test_gloo_interface_of_this_machine_is_real() -> None:
 
 
 def test_the_port_file_carries_rank_0s_port(tmp_path) -> None:
-    port_file = tmp_path / "rendezvous" / "9.1.port"
-    (tmp_path / "rendezvous").mkdir()
-    (tmp_path / "rendezvous" / "9.0.port").write_text("10.0.0.1 20001\n")  # the run before
-    publish_port(port_file, "10.0.0.1", 20123)
-    assert read_port(port_file, timeout_s=1) == 20123
-    assert not (tmp_path / "rendezvous" / "9.0.port").exists()
+    folder = tmp_path / "rendezvous"
+    folder.mkdir()
+    (folder / "9.0.0.port").write_text("10.0.0.1 20001\n")  # the run before
+    publish_port(folder / "9.1.0.port", "10.0.0.1", 20123)
+    assert read_port(folder / "9.1.0.port", timeout_s=1) == 20123
+    assert not (folder / "9.0.0.port").exists()
     clock = iter(range(100)).__next__
     with pytest.raises(RendezvousError, match="did not publish its rendezvous port .*shares"):
-        read_port(tmp_path / "rendezvous" / "9.2.port", timeout_s=3, clock=clock, sleep=lambda s: None)
+        read_port(folder / "9.2.0.port", timeout_s=3, clock=clock, sleep=lambda s: None)
+
+
+def test_a_port_file_from_before_this_launch_is_not_trusted(tmp_path) -> None:
+    """A reused run folder whose job ids repeat: the file of the same name is days old."""
+    import os
+    import time
+
+    stale = tmp_path / "rendezvous" / "9.0.0.port"
+    stale.parent.mkdir()
+    stale.write_text("10.0.0.1 20001\n")
+    os.utime(stale, (time.time() - 86400, time.time() - 86400))
+    clock = iter(range(100)).__next__
+    with pytest.raises(RendezvousError, match="did not publish"):
+        read_port(stale, timeout_s=3, started_at=time.time(), clock=clock, sleep=lambda s: None)
+    publish_port(stale, "10.0.0.1", 20555)  # this launch's rank 0 replaces it
+    assert read_port(stale, timeout_s=1, started_at=time.time()) == 20555
 
 
 def test_rank_0_listens_on_the_next_port_when_one_is_taken(tmp_path) -> None:
@@ -219,7 +239,7 @@ def test_rank_0_listens_on_the_next_port_when_one_is_taken(tmp_path) -> None:
         probe.bind(("0.0.0.0", 0))
         free = probe.getsockname()[1]
     rdzv = Rendezvous(0, 0, 2, "127.0.0.1", "n1", taken, "gloo", "cpu", port_candidates=(taken, free))
-    port_file = tmp_path / "rendezvous" / "1.0.port"
+    port_file = tmp_path / "rendezvous" / "1.0.0.port"
     try:
         store, port = host_store(rdzv, timeout_s=10, port_file=port_file)
         assert port == free and read_port(port_file, timeout_s=1) == free
@@ -227,5 +247,25 @@ def test_rank_0_listens_on_the_next_port_when_one_is_taken(tmp_path) -> None:
                                timeout=__import__("datetime").timedelta(seconds=10))
         client.set("hello", "rank1")
         assert store.get("hello") == b"rank1"
+    finally:
+        blocker.close()
+
+
+def test_a_lone_rank_falls_back_without_a_port_file() -> None:
+    import socket
+
+    from hpc.launch.rendezvous import Rendezvous
+
+    blocker = socket.socket()
+    blocker.bind(("0.0.0.0", 0))
+    blocker.listen()
+    taken = blocker.getsockname()[1]
+    with socket.socket() as probe:
+        probe.bind(("0.0.0.0", 0))
+        free = probe.getsockname()[1]
+    try:
+        rdzv = Rendezvous(0, 0, 1, "127.0.0.1", "n1", taken, "gloo", "cpu", port_candidates=(taken, free))
+        _, port = host_store(rdzv, timeout_s=10, port_file=None)
+        assert port == free
     finally:
         blocker.close()

@@ -47,20 +47,24 @@ def test_without_accounting_a_slurm_requeue_stays_a_failure() -> None:
     assert policy.BUDGETS[reason] == "max_failures"
 
 
-def test_previous_run_is_the_second_last_accounting_line(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_previous_run_is_picked_by_its_restart_number(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
     def fake_run(argv: list[str], **kwargs: object) -> str:
         calls.append(argv)
-        return "PREEMPTED|2026-12-04T16:50:52\nRUNNING|Unknown\n"
+        return "NODE_FAIL|2026-12-04T16:40:00\nPREEMPTED|2026-12-04T16:50:52\nRUNNING|Unknown\n"
 
     monkeypatch.setattr(slurm, "run", fake_run)
-    ended = accounting.previous_run("42")
+    ended = accounting.previous_run("42", restart=2)
     assert ended is not None and ended.state == "PREEMPTED"
     assert ended.ended_at == slurm.parse_time("2026-12-04T16:50:52")
     assert calls[0][:2] == ["sacct", "-D"] and calls[0][-1] == "42"
+    # slurmdbd has not recorded the current run yet: still the right one, not the one before it.
+    monkeypatch.setattr(slurm, "run", lambda argv, **kw: "NODE_FAIL|2026-12-04T16:40:00\nPREEMPTED|2026-12-04T16:50:52\n")
+    assert accounting.previous_run("42", restart=2).state == "PREEMPTED"
     monkeypatch.setattr(slurm, "run", lambda argv, **kw: "RUNNING|Unknown\n")
-    assert accounting.previous_run("42") is None
+    assert accounting.previous_run("42", restart=1) is None
+    assert accounting.previous_run("42", restart=0) is None
 
 
 def test_preemption_reads_preempt_time_and_the_moved_end(monkeypatch: pytest.MonkeyPatch) -> None:

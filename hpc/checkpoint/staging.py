@@ -177,10 +177,35 @@ def _aligned(size: int) -> int:
     return -(-size // ALIGN) * ALIGN
 
 
+CUDA_HOST_REGISTER_PORTABLE = 1
+"""Pinned for every CUDA context of the process, as torch's own pinned memory is."""
+
+
 def _register(flat: torch.Tensor) -> bool:
-    """Pin exactly this range (no power-of-two rounding); unpinned staging still works if it fails."""
+    """Pin exactly this range (no power-of-two rounding). A failure is cleared from CUDA's sticky
+    last-error slot (else the next kernel launch would report it as its own) and staging goes on
+    unpinned, slower but correct."""
+    cudart = torch.cuda.cudart()
     try:
-        error = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), flat.numel(), 0)
+        error = cudart.cudaHostRegister(flat.data_ptr(), flat.numel(), CUDA_HOST_REGISTER_PORTABLE)
     except (RuntimeError, AttributeError):
         return False
-    return int(error) == 0
+    if int(error) == 0:
+        return True
+    _clear_cuda_error()
+    import logging
+
+    logging.getLogger("hpc").warning("could not pin %.1f GB of checkpoint staging memory (CUDA error %d); "
+                                     "staging unpinned", flat.numel() / 1e9, int(error))
+    return False
+
+
+def _clear_cuda_error() -> None:
+    import ctypes
+
+    for name in ("libcudart.so", "libcudart.so.12", "libcudart.so.13", "libcudart.so.11.0"):
+        try:
+            ctypes.CDLL(name).cudaGetLastError()
+            return
+        except OSError:
+            continue

@@ -31,6 +31,8 @@ class JobEnv:
     node_name: str
     """This node's name as the scheduler knows it."""
     restart_count: int = 0
+    step: str = "0"
+    """The job step (srun launch) within this run: a second srun in one allocation is another meeting."""
 
     @property
     def tasks_per_node(self) -> int:

@@ -73,7 +73,13 @@ def choose_gloo_interface(master_addr: str, *, num_nodes: int, nccl_ifname: str 
     table = interfaces()
     given = environ.get("GLOO_SOCKET_IFNAME")
     if given:
-        return GlooInterface(given, _first(table.get(given)), "GLOO_SOCKET_IFNAME set in the environment")
+        # gloo also takes a comma-separated list (one device per interface): report the first.
+        first = given.split(",")[0]
+        if not table.get(first):
+            raise NetworkError(f"GLOO_SOCKET_IFNAME={given}: this node has no IPv4 address on '{first}' "
+                               f"(it has {', '.join(sorted(n for n, a in table.items() if a))}). HINT: "
+                               "name an interface every node has, or unset it to let each rank derive one")
+        return GlooInterface(given, table[first][0], "GLOO_SOCKET_IFNAME set in the environment")
     named = exact_ifname(nccl_ifname)
     if named and table.get(named):
         return GlooInterface(named, table[named][0], "the interface cluster.nccl.socket_ifname names")
@@ -95,6 +101,3 @@ def choose_gloo_interface(master_addr: str, *, num_nodes: int, nccl_ifname: str 
         return GlooInterface(None, local, f"no interface of this host holds {local}; gloo's default")
     return GlooInterface(owner, local, f"routes to the rendezvous address {master_addr}")
 
-
-def _first(addresses: list[str] | None) -> str:
-    return addresses[0] if addresses else "?"

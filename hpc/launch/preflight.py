@@ -119,12 +119,11 @@ def _gloo_all_reduce(rdzv: Rendezvous) -> float:
     import torch.distributed as dist
 
     group = dist.new_group(backend="gloo")
-    try:
-        value = torch.tensor([float(rdzv.rank + 1)])
-        dist.all_reduce(value, group=group)
-        return float(value.item())
-    finally:
-        dist.destroy_process_group(group)
+    value = torch.tensor([float(rdzv.rank + 1)])
+    dist.all_reduce(value, group=group)
+    dist.barrier(group=group)  # no rank tears the group down under a peer still talking
+    dist.destroy_process_group(group)
+    return float(value.item())
 
 
 def run_preflight(env: JobEnv, rdzv: Rendezvous, cfg: Config) -> dict[str, Any]:

@@ -174,7 +174,9 @@ def host_store(rdzv: Rendezvous, *, timeout_s: float, port_file: Path | None = N
     folder, publish it there. Returns the store and the port."""
     import torch.distributed as dist
 
-    ports = rdzv.port_candidates if port_file is not None and rdzv.port_candidates else (rdzv.master_port,)
+    # Fallbacks need a way to tell the other ranks: the port file, or no other ranks at all.
+    can_fall_back = rdzv.port_candidates and (port_file is not None or rdzv.world_size == 1)
+    ports = rdzv.port_candidates if can_fall_back else (rdzv.master_port,)
     taken = []
     for port in ports:
         try:
@@ -205,23 +207,39 @@ def publish_port(port_file: Path, addr: str, port: int) -> None:
     write_atomically(port_file, f"{addr} {port}\n")
 
 
-def read_port(port_file: Path, *, timeout_s: float, clock: Callable[[], float] = time.monotonic,
-              sleep: Callable[[float], None] = time.sleep) -> int:
-    """The port rank 0 published, waiting for it up to `timeout_s`."""
+FRESH_SLACK_S = 300.0
+"""A port file older than this rank's start by more than this is an earlier launch's (the ranks of
+one launch start within seconds of each other; rank 0 writes after it started)."""
+
+
+def read_port(port_file: Path, *, timeout_s: float, started_at: float | None = None,
+              clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> int:
+    """The port rank 0 of this launch published, waiting for it up to `timeout_s`. A file written
+    before this launch began (`started_at`, wall-clock seconds; a reused run folder whose job ids
+    repeat) is not trusted: rank 0 will replace it."""
     deadline = clock() + timeout_s
     while True:
         try:
             # Opening the folder makes an NFS client revalidate it, so a file that another node
             # just created is not hidden by a cached "no such file".
             os.close(os.open(port_file.parent, os.O_RDONLY))
-            return int(port_file.read_text().split()[1])
-        except (FileNotFoundError, IndexError, ValueError):
+            fresh = started_at is None or port_file.stat().st_mtime >= started_at - FRESH_SLACK_S
+            if fresh:
+                return int(port_file.read_text().split()[1])
+        except (FileNotFoundError, NotADirectoryError, IndexError, ValueError):
             pass
         if clock() > deadline:
             raise RendezvousError(
                 f"rank 0 did not publish its rendezvous port in {port_file} within {timeout_s:.0f} s. "
                 "HINT: the run folder must be on storage every node shares; check rank 0's log")
         sleep(0.1)
+
+
+def _process_start() -> float:
+    """When this process started (wall clock), from the kernel's record of it."""
+    import psutil
+
+    return float(psutil.Process().create_time())
 
 
 def init_process_group(rdzv: Rendezvous, *, rendezvous_timeout_s: float,
@@ -239,16 +257,17 @@ def init_process_group(rdzv: Rendezvous, *, rendezvous_timeout_s: float,
         if rdzv.rank == 0:
             store, port = host_store(rdzv, timeout_s=rendezvous_timeout_s, port_file=publish)
         else:
-            port = (read_port(publish, timeout_s=rendezvous_timeout_s) if publish is not None
-                    else rdzv.master_port)
+            port = (read_port(publish, timeout_s=rendezvous_timeout_s, started_at=_process_start())
+                    if publish is not None else rdzv.master_port)
             store = dist.TCPStore(rdzv.master_addr, port, rdzv.world_size, is_master=False,
                                   timeout=timedelta(seconds=rendezvous_timeout_s))
     except RendezvousError:
         raise
     except Exception as err:  # RuntimeError/DistNetworkError: bind or connect failed
+        tried = locals().get("port", rdzv.master_port)
         raise RendezvousError(
             f"rank {rdzv.rank} on {socket.gethostname()}: cannot reach the rendezvous at "
-            f"{rdzv.master_host} ({rdzv.master_addr}:{rdzv.master_port}): {err}. HINT: check "
+            f"{rdzv.master_host} ({rdzv.master_addr}:{tried}): {err}. HINT: check "
             "that the port is free and the first node is reachable, or change launch.port_min/"
             "port_max") from err
     rdzv = dataclasses.replace(rdzv, master_port=port)

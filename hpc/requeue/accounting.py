@@ -4,7 +4,7 @@
                           sets the job's PreemptTime and moves its EndTime to PreemptTime + GraceTime
                           (`scontrol show job`); the signal alone does not tell a preemption from
                           the time limit's warning or an `scancel --signal`
-    previous_run(job_id)  how the run before this one ended, from accounting (`sacct -D`: one line
+    previous_run(job_id, restart)  how the run before this one ended, from accounting (`sacct -D`: one line
                           per run of a requeued job): PREEMPTED when SLURM ended it at the end of its
                           grace time and requeued it itself, TIMEOUT, NODE_FAIL, ...
 
@@ -51,15 +51,22 @@ class RunEnd:
     ended_at: float | None
 
 
-def previous_run(job_id: str) -> RunEnd | None:
-    """The run before the current (last) one of `job_id`, or None when accounting has no such run."""
+def previous_run(job_id: str, restart: int) -> RunEnd | None:
+    """How run `restart - 1` of `job_id` ended (runs count from 0, as SLURM_RESTART_COUNT does), or
+    None when accounting has no such ended run. Picked by position, not as "the line before the
+    last": slurmdbd records asynchronously, and on a busy cluster the current run's line may not
+    be there yet."""
+    if restart < 1:
+        return None
     try:
         out = slurm.run(["sacct", "-D", "-X", "-n", "-P", "-o", "State,End", "-j", job_id],
                         env={**os.environ, "SLURM_TIME_FORMAT": "standard"})
     except slurm.SlurmError:
         return None
     runs = [line.split("|") for line in out.splitlines() if line.strip()]
-    if len(runs) < 2 or len(runs[-2]) < 2 or not runs[-2][0].split():
+    if len(runs) < restart or len(runs[restart - 1]) < 2 or not runs[restart - 1][0].split():
         return None
-    state, end = runs[-2][0].split()[0], runs[-2][1]
+    state, end = runs[restart - 1][0].split()[0], runs[restart - 1][1]
+    if state in ("RUNNING", "PENDING", "REQUEUED_PENDING"):
+        return None
     return RunEnd(state, slurm.parse_time(end))

@@ -69,7 +69,7 @@ class Supervisor:
         if env.restart_count > 0 and self.previous is None:
             # Our code never got to say: SLURM ended the last run and requeued the job itself.
             self.why, fields = timeline.slurm_requeue(
-                accounting.previous_run(env.job_id) if env.launcher == "slurm" else None,
+                accounting.previous_run(env.job_id, env.restart_count) if env.launcher == "slurm" else None,
                 history.read_ranks(self.run_dir, env.job_id, env.restart_count - 1))
             self.previous = history.append_event(self.run_dir, history.REQUEUED, job_id=env.job_id,
                                                  restart=env.restart_count - 1, **fields)
