@@ -65,9 +65,14 @@ class RunFolder:
         """The folder of one run's per-rank records."""
         return self.requeue / "ranks" / f"{job_id}.{restart}"
 
+    @property
+    def rendezvous(self) -> Path:
+        """Made at submit: on NFS a folder another node creates later can stay hidden for a minute."""
+        return self.root / "rendezvous"
+
     def rendezvous_port(self, job_id: str, restart: int, step: str = "0") -> Path:
         """Where rank 0 of one launch (job step of a run) publishes its rendezvous address and port."""
-        return self.root / "rendezvous" / f"{job_id}.{restart}.{step}.port"
+        return self.rendezvous / f"{job_id}.{restart}.{step}.port"
 
     def task_log(self, job_id: str, task: int = 0, stream: str = "out") -> Path:
         """submitit's log of one task (`out` or `err`)."""

@@ -59,6 +59,7 @@ def submit(plan: Plan) -> Any:
     executor = _executor(plan)
     fresh = not plan.run_dir.exists()
     plan.run_dir.mkdir(parents=True, exist_ok=True)
+    RunFolder(plan.run_dir).rendezvous.mkdir(exist_ok=True)
     write_atomically(RunFolder(plan.run_dir).config, plan.config_yaml)
     try:
         return executor.submit(Entrypoint(plan.entrypoint, plan.config, str(plan.run_dir)))
