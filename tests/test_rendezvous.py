@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+from collections.abc import Iterator
+from datetime import timedelta
+
 import pytest
 
 from hpc.config import compose
 from hpc.launch.environment import detect
 from hpc.launch.environment import JobEnv
 from hpc.launch.network import NetworkError, choose_gloo_interface, exact_ifname
-from hpc.launch.rendezvous import (RendezvousError, cuda_device, host_store, master_port, plan_rendezvous,
+from hpc.launch.rendezvous import (Rendezvous, RendezvousError, cuda_device, host_store, master_port, plan_rendezvous,
                                    port_candidates, publish_port, read_port, resolve_master)
 from hpc.slurm import SlurmError, expand_nodelist
 
@@ -222,50 +227,36 @@ def test_a_port_file_from_before_this_launch_is_not_trusted(tmp_path) -> None:
     assert read_port(stale, timeout_s=1, started_at=time.time()) == 20555
 
 
+@contextlib.contextmanager
+def _a_taken_and_a_free_port() -> Iterator[tuple[int, int]]:
+    """A port someone else listens on, and one nobody does."""
+    with socket.socket() as blocker, socket.socket() as probe:
+        blocker.bind(("0.0.0.0", 0))
+        blocker.listen()
+        probe.bind(("0.0.0.0", 0))
+        free = probe.getsockname()[1]
+        probe.close()
+        yield blocker.getsockname()[1], free
+
+
 def test_rank_0_listens_on_the_next_port_when_one_is_taken(tmp_path) -> None:
     """Real TCPStores: the first candidate is held by someone else; rank 0 takes the next one and
     publishes it, and a client that read the file meets it there."""
-    import socket
-
     import torch.distributed as dist
 
-    from hpc.launch.rendezvous import Rendezvous
-
-    blocker = socket.socket()
-    blocker.bind(("0.0.0.0", 0))
-    blocker.listen()
-    taken = blocker.getsockname()[1]
-    with socket.socket() as probe:
-        probe.bind(("0.0.0.0", 0))
-        free = probe.getsockname()[1]
-    rdzv = Rendezvous(0, 0, 2, "127.0.0.1", "n1", taken, "gloo", "cpu", port_candidates=(taken, free))
     port_file = tmp_path / "rendezvous" / "1.0.0.port"
-    try:
+    with _a_taken_and_a_free_port() as (taken, free):
+        rdzv = Rendezvous(0, 0, 2, "127.0.0.1", "n1", taken, "gloo", "cpu", port_candidates=(taken, free))
         store, port = host_store(rdzv, timeout_s=10, port_file=port_file)
         assert port == free and read_port(port_file, timeout_s=1) == free
         client = dist.TCPStore("127.0.0.1", read_port(port_file, timeout_s=1), 2, is_master=False,
-                               timeout=__import__("datetime").timedelta(seconds=10))
+                               timeout=timedelta(seconds=10))
         client.set("hello", "rank1")
         assert store.get("hello") == b"rank1"
-    finally:
-        blocker.close()
 
 
 def test_a_lone_rank_falls_back_without_a_port_file() -> None:
-    import socket
-
-    from hpc.launch.rendezvous import Rendezvous
-
-    blocker = socket.socket()
-    blocker.bind(("0.0.0.0", 0))
-    blocker.listen()
-    taken = blocker.getsockname()[1]
-    with socket.socket() as probe:
-        probe.bind(("0.0.0.0", 0))
-        free = probe.getsockname()[1]
-    try:
+    with _a_taken_and_a_free_port() as (taken, free):
         rdzv = Rendezvous(0, 0, 1, "127.0.0.1", "n1", taken, "gloo", "cpu", port_candidates=(taken, free))
         _, port = host_store(rdzv, timeout_s=10, port_file=None)
         assert port == free
-    finally:
-        blocker.close()

@@ -22,6 +22,7 @@ from typing import Any
 
 from hpc.bench.gpu_checks import Context, Finding
 from hpc.bench.harness import LOG_TAIL, REPO, local_config
+from hpc.requeue import history
 from hpc.run_folder import RunFolder
 
 RESUME_STRATEGY = "fsdp_full_shard"
@@ -106,13 +107,11 @@ def _committed(run: Path) -> list[int]:
 
 
 def _rank_records(run: Path) -> dict[int, dict[str, Any]]:
-    records = {}
-    for path in (RunFolder(run).requeue / "ranks").glob("*/rank-*.json"):
-        try:
-            body = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        records[int(body["rank"])] = body
+    """Every rank's record of every run of the job in `run` (the latest run's wins)."""
+    records: dict[int, dict[str, Any]] = {}
+    runs = [folder.name.rpartition(".") for folder in (RunFolder(run).requeue / "ranks").glob("*.*")]
+    for job_id, _, restart in sorted((r for r in runs if r[2].isdigit()), key=lambda r: int(r[2])):
+        records.update(history.read_ranks(run, job_id, int(restart)))
     return records
 
 
