@@ -127,6 +127,21 @@ def _preempt(run: Run, env: dict[str, str]) -> float:
     return at
 
 
+def _preempted_while_training(env: dict[str, str], tmp_path: Path, name: str, faults: str, *,
+                              user_signal: bool) -> tuple[Run, float, dict]:
+    """A `low` run preempted once it trains, left to save, requeue itself and complete: the run,
+    when the preemptor was submitted, and the run's one `requeued` event."""
+    run = Run(env, tmp_path / name,
+              submit(env, *LOW, f"run.root={tmp_path}", f"run.name={name}", "--no-wait", faults=faults))
+    with _preemption_signal(env, user_signal=user_signal):
+        wait_for("the run to train", lambda: run.step() >= 4, 240, 0.2)
+        preempted_at = _preempt(run, env)
+        wait_for("the run to commit and requeue itself", lambda: run.events("requeued"), GRACE_TIME_S + 60)
+    assert run.wait(300) == "COMPLETED", run.explain()
+    [requeued] = run.events("requeued")
+    return run, preempted_at, requeued
+
+
 def _status(run: Run) -> str:
     proc = subprocess.run([sys.executable, "-m", "hpc.status", run.job_id], capture_output=True, text=True,
                           env=run.env, cwd=ROOT)
@@ -138,14 +153,7 @@ def _status(run: Run) -> str:
 def test_a_preempted_run_commits_a_save_that_takes_most_of_the_grace_time_and_resumes_from_it(
         cluster_env: dict[str, str], reference: Run, tmp_path: Path) -> None:
     faults = f"slow@step_end:ms=300,{_slow_saves(SAVE_S * 1000, range(1, STEPS))}"
-    run = Run(cluster_env, tmp_path / "term",
-              submit(cluster_env, *LOW, f"run.root={tmp_path}", "run.name=term", "--no-wait", faults=faults))
-    with _preemption_signal(cluster_env, user_signal=False):
-        wait_for("the run to train", lambda: run.step() >= 4, 240, 0.2)
-        preempted_at = _preempt(run, cluster_env)
-        wait_for("the run to commit and requeue itself", lambda: run.events("requeued"), GRACE_TIME_S + 60)
-    assert run.wait(300) == "COMPLETED", run.explain()
-    [requeued] = run.events("requeued")
+    run, preempted_at, requeued = _preempted_while_training(cluster_env, tmp_path, "term", faults, user_signal=False)
     stop, step = requeued["stop"], requeued["step"]
     print(f"preempted: signal {stop['signal_at'] - preempted_at:.1f} s after the sbatch, committed "
           f"{stop['committed_at'] - stop['signal_at']:.1f} s after the signal; sacct {run.runs()}")
@@ -167,15 +175,8 @@ def test_a_preempted_run_commits_a_save_that_takes_most_of_the_grace_time_and_re
 
 def test_with_send_user_signal_the_warning_signal_starts_the_save(
         cluster_env: dict[str, str], reference: Run, tmp_path: Path) -> None:
-    run = Run(cluster_env, tmp_path / "usr2",
-              submit(cluster_env, *LOW, f"run.root={tmp_path}", "run.name=usr2", "--no-wait",
-                     faults="slow@step_end:ms=300"))
-    with _preemption_signal(cluster_env, user_signal=True):
-        wait_for("the run to train", lambda: run.step() >= 4, 240, 0.2)
-        preempted_at = _preempt(run, cluster_env)
-        wait_for("the run to commit and requeue itself", lambda: run.events("requeued"), GRACE_TIME_S + 60)
-    assert run.wait(300) == "COMPLETED", run.explain()
-    [requeued] = run.events("requeued")
+    run, preempted_at, requeued = _preempted_while_training(cluster_env, tmp_path, "usr2", "slow@step_end:ms=300",
+                                                            user_signal=True)
     stop = requeued["stop"]
     print(f"preempted: USR2 {stop['signal_at'] - preempted_at:.1f} s after the sbatch; sacct {run.runs()}")
     # The warning signal alone: no SIGTERM came before the stop was agreed and saved.

@@ -22,6 +22,8 @@ from typing import Any
 
 from hpc.bench.gpu_checks import Context, Finding
 from hpc.bench.harness import LOG_TAIL, REPO, local_config
+from hpc.checkpoint.manifest import committed
+from hpc.checkpoint.storage import open_storage
 from hpc.requeue import history
 from hpc.run_folder import RunFolder
 
@@ -103,7 +105,8 @@ def _metrics(run: Path) -> list[dict[str, Any]]:
 
 
 def _committed(run: Path) -> list[int]:
-    return sorted(int(p.parent.name[5:]) for p in RunFolder(run).checkpoints.glob("step-*/manifest.json"))
+    location = RunFolder(run).checkpoint_location(None)
+    return sorted(c.step for c in committed(open_storage(location), warn=False))
 
 
 def _rank_records(run: Path) -> dict[int, dict[str, Any]]:

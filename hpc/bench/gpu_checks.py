@@ -28,6 +28,7 @@ from typing import Any
 
 from hpc.bench.harness import join_local, local_config, run_ranks
 from hpc.bench.strategies import STRATEGIES, run_cases
+from hpc.launch.network import interface_addresses
 
 PARITY_STRATEGIES = ("ddp", "fsdp_full_shard", "zero2", "zero3")
 PARITY_CHOICES = tuple(s for s in STRATEGIES if s != "plain_ddp")
@@ -209,9 +210,7 @@ def _tcp_pairs() -> set[tuple[str, int, str, int]]:
 
 
 def _ifname_of(ip: str) -> str:
-    import psutil
-
-    return next((name for name, addrs in psutil.net_if_addrs().items() if any(a.address == ip for a in addrs)), "?")
+    return next((name for name, addrs in interface_addresses().items() if ip in addrs), "?")
 
 
 def _groups_in_rank(spec: dict[str, Any]) -> list[dict[str, Any]]:

@@ -253,21 +253,21 @@ def init_process_group(rdzv: Rendezvous, *, rendezvous_timeout_s: float,
     if rdzv.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(rdzv.device))
     publish = port_file if rdzv.world_size > 1 and rdzv.port_candidates else None
+    port = rdzv.master_port  # until rank 0 chose, or the others read, the one actually used
     try:
         if rdzv.rank == 0:
             store, port = host_store(rdzv, timeout_s=rendezvous_timeout_s, port_file=publish)
         else:
-            port = (read_port(publish, timeout_s=rendezvous_timeout_s, started_at=_process_start())
-                    if publish is not None else rdzv.master_port)
+            if publish is not None:
+                port = read_port(publish, timeout_s=rendezvous_timeout_s, started_at=_process_start())
             store = dist.TCPStore(rdzv.master_addr, port, rdzv.world_size, is_master=False,
                                   timeout=timedelta(seconds=rendezvous_timeout_s))
     except RendezvousError:
         raise
     except Exception as err:  # RuntimeError/DistNetworkError: bind or connect failed
-        tried = locals().get("port", rdzv.master_port)
         raise RendezvousError(
             f"rank {rdzv.rank} on {socket.gethostname()}: cannot reach the rendezvous at "
-            f"{rdzv.master_host} ({rdzv.master_addr}:{tried}): {err}. HINT: check "
+            f"{rdzv.master_host} ({rdzv.master_addr}:{port}): {err}. HINT: check "
             "that the port is free and the first node is reachable, or change launch.port_min/"
             "port_max") from err
     rdzv = dataclasses.replace(rdzv, master_port=port)
