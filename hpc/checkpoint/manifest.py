@@ -91,9 +91,11 @@ class Candidate:
     """False: never committed (an interrupted save), not a broken checkpoint."""
 
 
-def read_manifest(storage: Storage, step: int) -> Candidate:
-    """The step's manifest, checked for shape and file sizes (cheap); checksums come later."""
-    raw = storage.read_bytes(f"{step_dir(step)}/{MANIFEST}")
+def read_manifest(storage: Storage, step: int, folder: str | None = None) -> Candidate:
+    """The step's manifest, checked for shape and file sizes (cheap); checksums come later.
+    `folder`: where the step's files are, when not `step-N/` (a converted copy inside a step)."""
+    folder = folder or step_dir(step)
+    raw = storage.read_bytes(f"{folder}/{MANIFEST}")
     if raw is None:
         return Candidate(step, None, "no manifest: the save never committed (interrupted?)", has_manifest=False)
     try:
@@ -103,7 +105,7 @@ def read_manifest(storage: Storage, step: int) -> Candidate:
     if manifest.step != step:
         return Candidate(step, None, f"manifest says step {manifest.step}")
     for entry in manifest.files:
-        size = storage.size(f"{step_dir(step)}/{entry.name}")
+        size = storage.size(f"{folder}/{entry.name}")
         if size is None:
             return Candidate(step, manifest, f"file {entry.name} is missing")
         if size != entry.size:

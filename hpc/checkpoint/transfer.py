@@ -45,9 +45,9 @@ def local_files(folder: Path) -> list[str]:
 
 
 def upload_step(folder: Path, storage: Storage, step: int, *, streams: int, retries: int,
-                backoff_s: float, rank: int) -> list[FileEntry]:
-    """Copy every file of a scratch step folder to `step-N/` at the persistent location."""
-    prefix = step_dir(step)
+                backoff_s: float, rank: int, prefix: str | None = None) -> list[FileEntry]:
+    """Copy every file of a scratch step folder to `step-N/` (or `prefix/`) at the persistent location."""
+    prefix = prefix or step_dir(step)
 
     def one(name: str) -> FileEntry:
         size = (folder / name).stat().st_size  # once, not per chunk
@@ -66,13 +66,14 @@ def upload_step(folder: Path, storage: Storage, step: int, *, streams: int, retr
 
 
 def stage_view(manifest_files: Iterable[FileEntry], storage: Storage, step: int, view: Path, *,
-               retries: int, backoff_s: float, streams: int) -> tuple[dict[str, int], list[str]]:
+               retries: int, backoff_s: float, streams: int,
+               prefix: str | None = None) -> tuple[dict[str, int], list[str]]:
     """Make `view` a complete copy of a committed step for this node: files already in scratch
     with the listed size and checksum stay; the rest are linked to the persistent copy (mounted
     filesystem) or downloaded (object store, checksummed on the way).
 
     Returns counts per source and the names of linked files, whose checksums are still unchecked."""
-    prefix = step_dir(step)
+    prefix = prefix or step_dir(step)
     counts = {"local": 0, "linked": 0, "downloaded": 0}
     linked: list[str] = []
     view.mkdir(parents=True, exist_ok=True)
@@ -111,11 +112,11 @@ class ChecksumMismatch(OSError):
 
 
 def verify_checksums(storage: Storage, step: int, entries: dict[str, FileEntry], names: Iterable[str], *,
-                     streams: int = 1) -> str | None:
+                     streams: int = 1, prefix: str | None = None) -> str | None:
     """Read the named files at the persistent location, `streams` at a time (one read stream is
     slow on a parallel filesystem); the first problem, or None."""
     def one(name: str) -> str | None:
-        size, checksum = storage.checksum(f"{step_dir(step)}/{name}")
+        size, checksum = storage.checksum(f"{prefix or step_dir(step)}/{name}")
         if size != entries[name].size:
             return f"file {name} has {size} bytes, the manifest says {entries[name].size}"
         if checksum != entries[name].checksum:
