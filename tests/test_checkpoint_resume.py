@@ -46,14 +46,16 @@ def test_stop_and_resume_matches_an_uninterrupted_run_bitwise(tmp_path: Path, st
                          saved_state(tmp_path / "split" / "checkpoints" / "step-20", tmp_path))
 
     if strategy == "zero3":
-        # DeepSpeed checkpoints are bound to their world size: a clear refusal, nothing touched.
+        # DeepSpeed checkpoints are bound to their world size: with conversion off, a clear
+        # refusal, nothing touched (test_convert_resume.py shows the default, converting).
         shutil.copytree(tmp_path / "split", tmp_path / "one")
         proc = submit(tmp_path, "one", *run, "gpus_per_node=1", "train.micro_batch_size=8",
-                      extensions=torch_extensions_dir)
+                      "checkpoint.convert=never", extensions=torch_extensions_dir)
         assert proc.returncode != 0
         text = proc.stdout + proc.stderr + rank0_log(tmp_path / "one")
-        assert "saved by DeepSpeed at world size 2; this job has 1" in text, text[-3000:]
-        assert "tools/ckpt_convert" in text
+        assert "saved by deepspeed ZeRO-3 at world size 2, and DeepSpeed checkpoints are bound to their " \
+               "world size; this job runs deepspeed zero3 at world size 1" in text, text[-3000:]
+        assert "checkpoint.convert=auto" in text and "tools/ckpt_convert reshard" in text
         assert sorted(p.name for p in (tmp_path / "one" / "checkpoints").iterdir()) == \
             sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
 

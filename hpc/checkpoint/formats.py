@@ -136,8 +136,16 @@ class StateFormat:
                 raise CheckpointError(f"DeepSpeed found no checkpoint in {folder}")
             return
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
+        saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+        if not any(key.startswith("optim.") for key in saved):
+            # A step imported from Hugging Face weights: no optimizer state, AdamW starts afresh.
+            model_state = self._dcp_state()["model"]
+            dcp.load({"model": model_state}, checkpoint_id=str(folder), process_group=self.group,
+                     no_dist=not dist.is_initialized())
+            set_model_state_dict(self.engine.model, model_state)
+            return
         state = self._dcp_state()
         dcp.load(state, checkpoint_id=str(folder), process_group=self.group,
                  no_dist=not dist.is_initialized())

@@ -9,19 +9,26 @@ node, and loading it into the engine.
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from hpc.checkpoint.collectives import Collectives
-from hpc.checkpoint.formats import StateFormat, load_rng
+from hpc.checkpoint.convert.pipeline import ReaderSpec, open_reader, open_writer, run_part, write_extras
+from hpc.checkpoint.convert.resume import conversion_reason, converted_folder
+from hpc.checkpoint.convert.steps import Target, state_of, target_for_job
+from hpc.checkpoint.formats import RNG_DIR, StateFormat, load_rng
 from hpc.checkpoint.manifest import (
     CONFIG_FILE,
     MANIFEST,
     RETIRED,
+    TRAINER_FILE,
     Candidate,
     CheckpointError,
+    Manifest,
     committed,
     parse_step_dir,
     read_manifest,
@@ -30,9 +37,9 @@ from hpc.checkpoint.manifest import (
 )
 from hpc.checkpoint.space import check_space
 from hpc.checkpoint.storage import Storage, open_storage
-from hpc.checkpoint.transfer import ChecksumMismatch, stage_view, verify_checksums
+from hpc.checkpoint.transfer import ChecksumMismatch, stage_view, upload_step, verify_checksums
 from hpc.config import Config
-from hpc.config.diff import changed_keys
+from hpc.config.diff import changed_keys, config_hash
 from hpc.train.data import GlobalBatches
 from hpc.train.rng import seed_rank_streams
 from hpc.train.strategies import Engine, World
@@ -84,6 +91,7 @@ class Restorer:
                     "HINT: use a new run.name or checkpoint.dir, or checkpoint.resume=auto to continue")
             if self.world.rank == 0:
                 log.info("checkpoint.resume=never: starting from step 0")
+            self._init_weights(engine)
             return 0
         storage, only = self.storage, None
         if mode.isdigit():
@@ -96,10 +104,25 @@ class Restorer:
             storage = open_storage(parent)
         candidates, broken = self._candidates(storage, only)
         for candidate in candidates:
+            converted = self._converted_copy(storage, candidate)
+            if converted is not None:  # converted for this job's size and strategy by an earlier start
+                folder, copy = converted
+                problem, counts = self._prepare(storage, copy, folder=folder)
+                if problem is None:
+                    if only is not None:
+                        self._retire_newer(only)
+                    return self._load(storage, copy, state_format, engine, batches, counts, folder=folder)
+                if self.world.rank == 0:
+                    log.warning("converted copy %s/%s skipped: %s; converting the step again",
+                                storage.url, folder, problem)
             problem, counts = self._prepare(storage, candidate)
             if problem is None:
                 if only is not None:
                     self._retire_newer(only)
+                target = self._conversion_target(candidate)
+                if target is not None:
+                    folder, candidate, counts = self._convert(storage, candidate, target)
+                    return self._load(storage, candidate, state_format, engine, batches, counts, folder=folder)
                 return self._load(storage, candidate, state_format, engine, batches, counts)
             if only is not None:
                 raise CheckpointError(f"checkpoint.resume={mode}: {storage.url}/{step_dir(only)} does not "
@@ -116,7 +139,21 @@ class Restorer:
                 "checkpoint.resume=<path of step-N>, or start afresh with a new run.name or checkpoint.dir")
         if self.world.rank == 0:
             log.info("no committed checkpoint in %s: starting from step 0", storage.url)
+        self._init_weights(engine)
         return 0
+
+    def _init_weights(self, engine: Engine) -> None:
+        """No step to resume: start from the Hugging Face folder checkpoint.init_from, if set."""
+        if not self.ckpt.init_from:
+            return
+        from hpc.checkpoint.convert.hf import load_init_weights  # safetensors only when asked for
+
+        problem = None
+        try:
+            load_init_weights(engine, self.cfg, self.world)
+        except (ValueError, OSError, ImportError) as err:
+            problem = f"checkpoint.init_from={self.ckpt.init_from}: {err}"
+        self.collectives.raise_any(problem)  # one rank's bad read must not leave the others training
 
     def _setup_problem(self) -> str | None:
         """Space, and scratch that is really node-local and apart from the checkpoint store."""
@@ -164,19 +201,22 @@ class Restorer:
             raise found
         return found
 
-    def _prepare(self, storage: Storage, candidate: Candidate) -> tuple[str | None, dict[str, int]]:
-        """Every node gets a complete, verified view of the step in its scratch; all ranks agree.
-        A file that does not match the manifest is a problem with this step (the caller falls
-        back); any other error (full scratch, unreachable storage) is raised on every rank."""
+    def _prepare(self, storage: Storage, candidate: Candidate,
+                 folder: str | None = None) -> tuple[str | None, dict[str, int]]:
+        """Every node gets a complete, verified view of the step (or of its converted copy in
+        `folder`) in its scratch; all ranks agree. A file that does not match the manifest is a
+        problem with this step (the caller falls back); any other error (full scratch,
+        unreachable storage) is raised on every rank."""
         manifest = candidate.manifest
         assert manifest is not None
+        folder = folder or step_dir(candidate.step)
         entries = {e.name: e for e in manifest.files}
         problem, fatal, counts, linked = None, None, {}, []
         if self.drainer:
             try:
-                counts, linked = stage_view(manifest.files, storage, candidate.step,
-                                            self.scratch / step_dir(candidate.step), retries=self.ckpt.retries,
-                                            backoff_s=self.ckpt.backoff_s, streams=self.ckpt.streams)
+                counts, linked = stage_view(manifest.files, storage, candidate.step, self.scratch / folder,
+                                            retries=self.ckpt.retries, backoff_s=self.ckpt.backoff_s,
+                                            streams=self.ckpt.streams, prefix=folder)
             except (ChecksumMismatch, FileNotFoundError) as err:
                 problem = str(err)
             except Exception as err:  # noqa: BLE001
@@ -186,7 +226,8 @@ class Restorer:
         if self.drainer and problem is None and fatal is None:
             mine = [name for i, name in enumerate(to_check) if i % self.num_nodes == self.node]
             try:
-                problem = verify_checksums(storage, candidate.step, entries, mine, streams=self.ckpt.streams)
+                problem = verify_checksums(storage, candidate.step, entries, mine, streams=self.ckpt.streams,
+                                           prefix=folder)
             except FileNotFoundError as err:
                 problem = str(err)
             except Exception as err:  # noqa: BLE001
@@ -195,6 +236,102 @@ class Restorer:
         self.collectives.raise_any(next((f for _, f in outcomes if f), None))
         problems = [p for p, _ in outcomes if p]
         return (problems[0] if problems else None), counts
+
+    def _conversion_target(self, candidate: Candidate) -> Target | None:
+        """This job's target when it cannot load the step as saved and may convert it."""
+        assert candidate.manifest is not None
+        target = target_for_job(self.cfg, self.world.world_size)
+        if self.ckpt.convert == "never" or conversion_reason(candidate.manifest, target) is None:
+            return None
+        return target
+
+    def _converted_copy(self, storage: Storage, candidate: Candidate) -> tuple[str, Candidate] | None:
+        """A committed converted copy of the step for this job, made by an earlier start."""
+        target = self._conversion_target(candidate)
+        if target is None:
+            return None
+        folder = converted_folder(candidate.step, target)
+        found = None
+        if self.world.rank == 0:
+            copy = read_manifest(storage, candidate.step, folder)
+            found = copy if copy.problem is None else None
+        found = self.collectives.broadcast(found)
+        return (folder, found) if found is not None else None
+
+    def _convert(self, storage: Storage, candidate: Candidate,
+                 target: Target) -> tuple[str, Candidate, dict[str, int]]:
+        """Convert the step (staged and verified on every node) for this job and commit the copy
+        inside the step folder; every rank writes its part of the files. Returns the copy."""
+        manifest = candidate.manifest
+        assert manifest is not None
+        started = time.perf_counter()
+        reason = conversion_reason(manifest, target)
+        folder = converted_folder(candidate.step, target)
+        source, out = self.scratch / step_dir(candidate.step), self.scratch / folder
+        if self.drainer:
+            shutil.rmtree(out, ignore_errors=True)  # a leftover of an interrupted conversion
+        self.collectives.barrier()
+        rank = self.world.rank
+        if rank == 0:
+            log.info("step %d was %s: converting it (checkpoint.convert=auto)", candidate.step, reason)
+            # A manifest left by an attempt that did not verify must go before new files land.
+            storage.remove(f"{folder}/{MANIFEST}")
+        state = state_of(source, manifest)
+        writer, record, error, moved, n_parts = None, None, None, 0, 0
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            reader = open_reader(manifest.format, source, state)
+            try:
+                infos = reader.infos()
+                moved = sum(i.nbytes for i in infos)
+                writer = open_writer(target, out, reader.state, infos)
+                parts = writer.parts(self.world.world_size)
+                n_parts = len(parts)
+                if rank < len(parts):
+                    record = run_part(ReaderSpec(manifest.format, source, reader.state), parts[rank], reader)
+            finally:
+                reader.close()
+        except Exception as err:  # noqa: BLE001 - raised on every rank below
+            error = f"converting {step_dir(candidate.step)} on rank {rank} failed: {err}"
+        results = self.collectives.gather((record, error))
+        errors = [e for _, e in results if e]
+        if rank == 0 and not errors:
+            try:
+                assert writer is not None
+                writer.finish([r for r, _ in results[:n_parts]])
+                write_extras(out, state, target, config_yaml=self.config_yaml, source_folder=source)
+            except Exception as err:  # noqa: BLE001
+                errors.append(f"finishing the converted {step_dir(candidate.step)} failed: {err}")
+        self.collectives.raise_any(self.collectives.broadcast(errors[0] if errors else None))
+        entries, upload_error = [], None
+        if self.drainer:
+            try:
+                entries = upload_step(out, storage, candidate.step, streams=self.ckpt.streams,
+                                      retries=self.ckpt.retries, backoff_s=self.ckpt.backoff_s, rank=rank,
+                                      prefix=folder)
+            except Exception as err:  # noqa: BLE001
+                upload_error = f"uploading the converted step from node {self.node} failed: {err}"
+        uploads = self.collectives.gather((entries, upload_error))
+        outcome: Any = None
+        if rank == 0:
+            outcome = next((e for _, e in uploads if e), None)
+            if outcome is None:
+                files = {entry.name: entry for node_entries, _ in uploads for entry in node_entries}
+                copy = Manifest(step=candidate.step, world_size=target.world_size, strategy=target.strategy.name,
+                                format=target.format, config_hash=config_hash(self.config_yaml), data=state.data,
+                                files=sorted(files.values(), key=lambda e: e.name),
+                                zero_stage=target.strategy.zero_stage, saved_at=time.time(),
+                                save_seconds={"convert": round(time.perf_counter() - started, 3)})
+                storage.write_atomic(f"{folder}/{MANIFEST}", copy.to_json())
+                outcome = Candidate(candidate.step, copy)
+                log.info("converted step %d for %s in %.2f s: %d MB of model and optimizer state, %d files, "
+                         "committed as %s/%s (the original step is unchanged and still loads at its own "
+                         "size and strategy)", candidate.step, target.describe(), time.perf_counter() - started,
+                         moved / 1e6, len(files), storage.url, folder)
+        outcome = self.collectives.broadcast(outcome)
+        if isinstance(outcome, str):
+            raise CheckpointError(outcome)
+        return folder, outcome, {"local": len(outcome.manifest.files)}
 
     def _retire_newer(self, step: int) -> None:
         """Resuming an older step starts a new line of history: committed steps after it stop
@@ -212,40 +349,48 @@ class Restorer:
         self.collectives.barrier()
 
     def _load(self, storage: Storage, candidate: Candidate, state_format: StateFormat, engine: Engine,
-              batches: GlobalBatches, counts: dict[str, int]) -> int:
+              batches: GlobalBatches, counts: dict[str, int], folder: str | None = None) -> int:
         manifest = candidate.manifest
         assert manifest is not None
         started = time.perf_counter()
-        view = self.scratch / step_dir(candidate.step)
+        folder = folder or step_dir(candidate.step)
+        view = self.scratch / folder
         self._log_config_changes(view)
-        if manifest.format != state_format.name:
+        reason = conversion_reason(manifest, target_for_job(self.cfg, self.world.world_size))
+        if reason is not None:  # only with checkpoint.convert=never
             raise CheckpointError(
-                f"{storage.url}/{view.name} was saved by strategy {manifest.strategy} ({manifest.format} "
-                f"format); strategy {engine.name} cannot load it. HINT: convert it with "
-                "tools/ckpt_convert, or resume with the strategy that saved it")
-        if manifest.format == "deepspeed" and manifest.zero_stage != self.cfg.strategy.zero_stage:
-            raise CheckpointError(
-                f"{storage.url}/{view.name} was saved with ZeRO stage {manifest.zero_stage}; this run uses "
-                f"stage {self.cfg.strategy.zero_stage}. HINT: resume with strategy=zero{manifest.zero_stage}, "
-                "or convert it with tools/ckpt_convert")
+                f"{storage.url}/{folder} was {reason}, which cannot load it as saved. HINT: set "
+                f"checkpoint.convert=auto (the job converts it), convert it with tools/ckpt_convert reshard, "
+                f"or resume with the strategy and world size that saved it")
         state_format.load(view, manifest.world_size)
-        if manifest.world_size == self.world.world_size:
+        own_rng = f"{RNG_DIR}/rank-{self.world.rank}.pt"
+        if manifest.world_size == self.world.world_size and any(e.name == own_rng for e in manifest.files):
             load_rng(view, self.world.rank)
         else:
             seed_rank_streams(self.cfg.train.seed, self.world.rank, step=candidate.step)
             if self.world.rank == 0:
+                saved = self._saved_world_size(view, manifest)
                 log.warning("saved at world size %d, now %d: random states are seeded afresh for step %d "
-                            "(model, optimizer and data position are resharded exactly)",
-                            manifest.world_size, self.world.world_size, candidate.step)
+                            "(model, optimizer, data position and LR schedule are resharded exactly)",
+                            saved, self.world.world_size, candidate.step)
         batches.load_state_dict(manifest.data)
         self.resumed_step = candidate.step
         if self.world.rank == 0:
             log.info("resumed from step %d (%s/%s): %.1f MB in %.2f s, data at sample %d; files from "
-                     "scratch %d, linked %d, downloaded %d", candidate.step, storage.url, view.name,
+                     "scratch %d, linked %d, downloaded %d", candidate.step, storage.url, folder,
                      manifest.total_bytes / 1e6, time.perf_counter() - started,
                      manifest.data["consumed_samples"], counts.get("local", 0), counts.get("linked", 0),
                      counts.get("downloaded", 0))
         return candidate.step
+
+    @staticmethod
+    def _saved_world_size(view: Path, manifest: Manifest) -> int:
+        """The world size the training state was saved at (a converted copy records its source's)."""
+        try:
+            trainer = json.loads((view / TRAINER_FILE).read_text())
+            return int(trainer.get("converted_from", {}).get("world_size", manifest.world_size))
+        except (OSError, ValueError, TypeError):
+            return manifest.world_size
 
     def _log_config_changes(self, view: Path) -> None:
         if self.world.rank != 0 or not (view / CONFIG_FILE).exists():
