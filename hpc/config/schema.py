@@ -208,6 +208,7 @@ class DataConfig:
 
 
 RESUME_MODES = ("auto", "never")
+CONVERT_MODES = ("auto", "never")
 INTERVALS = ("auto", "fixed", "never")
 
 
@@ -241,6 +242,11 @@ class CheckpointConfig:
     """Also keep every step that is a multiple of this forever (0: none)."""
     resume: str = "auto"
     """auto (newest committed) | never | a step number | the path of a step-N folder."""
+    convert: str = "auto"
+    """When the step to resume was saved at another world size or by another strategy than this
+    job's (DeepSpeed: any change; DDP/FSDP: a switch to or from DeepSpeed): auto converts it in the
+    job (once: the copy is committed inside the step folder, the original stays as it was) |
+    never (stop with an error naming tools/ckpt_convert)."""
     async_save: bool = True
     """DDP/FSDP: the loop waits only while tensors are copied; the write runs in the background."""
     streams: int = 4
@@ -253,10 +259,16 @@ class CheckpointConfig:
     """Longest a rank waits for the others to finish writing and uploading a checkpoint."""
     space_margin: float = 1.25
     """Free space required on scratch and persistent storage, as a multiple of the estimate."""
+    init_from: str | None = None
+    """A Hugging Face Llama folder (config.json + *.safetensors) whose weights a run starts from when
+    it has no committed checkpoint yet; its shapes must match the model preset. None: from the seed."""
 
     def __post_init__(self) -> None:
         require_single_line("checkpoint.dir", self.dir)
         require(self.dir is None or bool(self.dir.strip()), "checkpoint.dir: must not be empty")
+        require_single_line("checkpoint.init_from", self.init_from)
+        require(self.init_from is None or bool(self.init_from.strip()),
+                "checkpoint.init_from: must not be empty (unset it to start from the seed)")
         require_positive("checkpoint.every_steps", self.every_steps, 0)
         self._check_interval()
         require_positive("checkpoint.keep_last", self.keep_last)
@@ -266,6 +278,7 @@ class CheckpointConfig:
         require_positive("checkpoint.timeout_s", self.timeout_s)
         require(self.backoff_s >= 0, f"checkpoint.backoff_s={self.backoff_s}: must be >= 0")
         require(self.space_margin >= 1, f"checkpoint.space_margin={self.space_margin}: must be >= 1")
+        require_choice("checkpoint.convert", self.convert, CONVERT_MODES)
         resume = str(self.resume)
         require_single_line("checkpoint.resume", resume)
         require(resume in RESUME_MODES or resume.isdigit() or "/" in resume,
