@@ -153,6 +153,9 @@ def sub_groups_by_numel(groups: list[list[str]], shapes: dict[str, tuple[int, ..
     """The saved split, recovered from the saved flat sizes (sub-groups hold whole parameters)."""
     out: list[tuple[int, list[str]]] = []
     for g, group in enumerate(groups):
+        if not group and len(out) < len(flat_numel) and flat_numel[len(out)] == 0:
+            out.append((g, []))  # a group without parameters still has its (empty) flat
+            continue
         current: list[str] = []
         total = 0
         for fqn in group:
