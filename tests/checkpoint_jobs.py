@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from hpc.checkpoint.convert.neutral import StepState, TensorInfo
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -92,3 +94,19 @@ def assert_bitwise_equal(a: Any, b: Any, where: str = "") -> None:
         assert_bitwise_equal(vars(a), vars(b), f"{where}({type(a).__name__})")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+class MemoryReader:
+    """A Reader over tensors in memory (the neutral interface every format implements)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors, self.state = tensors, StepState(step=0, world_size=1, strategy="ddp")
+
+    def infos(self) -> list[TensorInfo]:
+        return [TensorInfo(k, tuple(t.shape), t.dtype) for k, t in self.tensors.items()]
+
+    def read(self, key: str) -> torch.Tensor:
+        return self.tensors[key].clone()
+
+    def close(self) -> None:
+        pass

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_jobs import metrics, ok, rank0_log, submit
+from checkpoint_jobs import MemoryReader, metrics, ok, rank0_log, submit
 
 from hpc.bench.harness import local_config
 from hpc.checkpoint.convert.hf import CONFIG, INDEX, HfReader, export_hf, model_config_from_hf
 from hpc.checkpoint.convert.hf_layout import hf_name
-from hpc.checkpoint.convert.neutral import StepState, TensorInfo, model_key
+from hpc.checkpoint.convert.neutral import model_key
 from hpc.config.schema import ModelConfig
 from hpc.train.data import batches_for
 from hpc.train.model import Transformer, loss_fn
@@ -28,22 +28,6 @@ pytest.importorskip("safetensors")
 
 RTOL = 1e-5
 TINY = local_config(2, []).model  # the model the tiny_cpu jobs train
-
-
-class MemoryReader:
-    """A Reader over tensors in memory (the neutral interface every format implements)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors, self.state = tensors, StepState(step=0, world_size=1, strategy="ddp")
-
-    def infos(self) -> list[TensorInfo]:
-        return [TensorInfo(k, tuple(t.shape), t.dtype) for k, t in self.tensors.items()]
-
-    def read(self, key: str) -> torch.Tensor:
-        return self.tensors[key].clone()
-
-    def close(self) -> None:
-        pass
 
 
 def _model(cfg: ModelConfig, seed: int) -> Transformer:

@@ -330,6 +330,8 @@ def _check_complete(infos: list[TensorInfo], groups: list[dict[str, Any]]) -> No
     params = [split_key(info.key)[1] for info in infos if info.kind == "model"]
     if not params:
         raise ValueError("no model/<fqn> tensors to write")
+    if not any(key.startswith(OPTIM + "/") for key in keys):
+        return  # weights only (an import): the job's load starts AdamW afresh (formats.StateFormat.load)
     missing = [optim_key(fqn, name) for fqn in params for name in ADAM_STATES if optim_key(fqn, name) not in keys]
     if missing:
         raise ValueError(f"{len(missing)} optimizer tensors missing (e.g. {missing[0]}): a DDP/FSDP job loads "
@@ -457,8 +459,9 @@ class DcpWriter:
                                                   size=torch.Size(info.shape), chunks=chunks)
             paths[flat] = path
         defaults = adamw_group_defaults()
+        weights_only = not any(info.kind == "optimizer" for info in self.infos)
         with open(self.folder / GROUPS_FILE, "wb") as stream:
-            for index, group in enumerate(self.state.param_groups):
+            for index, group in enumerate([] if weights_only else self.state.param_groups):
                 for name, value in {**defaults, **group}.items():
                     path = (OPTIM, "param_groups", index, name)
                     flat = ".".join(map(str, path))

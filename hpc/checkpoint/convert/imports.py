@@ -4,7 +4,7 @@ strategy loads directly.
 The weights become fp32 master copies (every engine here keeps fp32 masters; bf16 in the folder
 casts exactly). There is no optimizer state: a DCP step holds the model only (the job starts AdamW
 afresh), while a DeepSpeed step keeps its fp32 masters inside the optimizer's partitions, so it
-gets AdamW's state at step 0 (zero moments), which is what a fresh AdamW starts from.
+gets AdamW's state at step 0 (zero moments: what a fresh AdamW starts from).
 """
 
 from __future__ import annotations
@@ -13,37 +13,23 @@ from typing import Any
 
 import torch
 
-from hpc.checkpoint.convert.neutral import ADAM_STATES, Reader, StepState, TensorInfo, model_key, optim_key, split_key
+from hpc.checkpoint.convert.neutral import Reader, StepState, TensorInfo, split_key
 
 
 class ImportedReader:
-    """An HF folder's weights as fp32 masters, with a fresh AdamW state when asked."""
+    """An HF folder's weights as fp32 master copies (the optimizer state is left to the writer:
+    none for DCP, zero moments at step 0 for DeepSpeed)."""
 
-    def __init__(self, base: Reader, state: StepState, *, fresh_optimizer: bool) -> None:
-        self.base, self.state, self.fresh_optimizer = base, state, fresh_optimizer
+    def __init__(self, base: Reader, state: StepState) -> None:
+        self.base, self.state = base, state
 
     def infos(self) -> list[TensorInfo]:
-        model = [TensorInfo(i.key, i.shape, torch.float32) for i in self.base.infos() if i.kind == "model"]
-        if not self.fresh_optimizer:
-            return model
-        optim = []
-        for info in model:
-            fqn = split_key(info.key)[1]
-            optim += [TensorInfo(optim_key(fqn, "exp_avg"), info.shape, torch.float32),
-                      TensorInfo(optim_key(fqn, "exp_avg_sq"), info.shape, torch.float32),
-                      TensorInfo(optim_key(fqn, "step"), (), torch.float32)]
-        return model + optim
+        return [TensorInfo(i.key, i.shape, torch.float32) for i in self.base.infos() if i.kind == "model"]
 
     def read(self, key: str) -> torch.Tensor:
-        kind, fqn, state = split_key(key)
-        if kind == "model":
-            return self.base.read(key).to(torch.float32)
-        if not self.fresh_optimizer or state not in ADAM_STATES:
+        if split_key(key)[0] != "model":
             raise KeyError(key)
-        if state == "step":
-            return torch.zeros((), dtype=torch.float32)
-        shape = next(i.shape for i in self.base.infos() if i.key == model_key(fqn))
-        return torch.zeros(shape, dtype=torch.float32)
+        return self.base.read(key).to(torch.float32)
 
     def close(self) -> None:
         self.base.close()
@@ -93,21 +79,18 @@ def import_hf(hf_dir: str, out: str, *, world: int, strategy: str, model: str | 
                   which=lambda name: None, environ={})
 
     def fill(source: Source, target: Target) -> bool:
-        source.state.data = {"consumed_samples": 0, "seed": cfg.train.seed}
-        return target.format == "deepspeed"  # DeepSpeed's fp32 masters live in AdamW's partitions
-
-    def groups_after(source: Source, target: Target) -> bool:
-        fresh = fill(source, target)
+        """The imported step's state: data at its start, AdamW's groups as the job builds them."""
         from hpc.checkpoint.convert.pipeline import open_reader
 
+        source.state.data = {"consumed_samples": 0, "seed": cfg.train.seed}
         reader = open_reader("hf", source.folder, source.state, cfg.model)
         try:
             source.state.param_groups = adam_param_groups(cfg, reader.infos())
         finally:
             reader.close()
-        return fresh
+        return True
 
     return reshard(hf_dir, out, world=world, strategy=strategy,
                    overrides=[s for s in overrides if s.startswith("strategy.")], workers=workers,
                    force=force, verify=verify, model_cfg=cfg.model, config_yaml=to_yaml(cfg),
-                   on_source=groups_after)
+                   on_source=fill)

@@ -83,15 +83,15 @@ class ReaderSpec:
     folder: Path
     state: StepState
     model_cfg: Any = None
-    fresh_optimizer: bool | None = None
-    """Set for an import: weights as fp32 master copies (+ a fresh AdamW state when True)."""
+    imported: bool = False
+    """An import: the weights become fp32 master copies."""
 
     def open(self) -> Reader:
         reader = open_reader(self.fmt, self.folder, self.state, self.model_cfg)
-        if self.fresh_optimizer is not None:
+        if self.imported:
             from hpc.checkpoint.convert.imports import ImportedReader
 
-            return ImportedReader(reader, self.state, fresh_optimizer=self.fresh_optimizer)
+            return ImportedReader(reader, self.state)
         return reader
 
 
@@ -310,8 +310,8 @@ def reshard(src: str, out: str, *, world: int, strategy: str | None = None, over
         name = strategy or _preset_of(state)
         target, target_yaml = target_from_preset(config_yaml if config_yaml is not None else state.config_yaml,
                                                  name, world, list(overrides))
-        # An import fills in the step's state and asks for fp32 master weights (+ a fresh AdamW).
-        fresh_optimizer = on_source(source, target) if on_source is not None else None
+        # An import fills in the step's state (data position, AdamW's groups).
+        imported = bool(on_source(source, target)) if on_source is not None else False
         storage, out_name, out_step = destination(out, state.step)
         if source.format != "hf" and out_step != state.step:
             raise CheckpointError(f"{out}: the output step folder must be step-{state.step} (the source's "
@@ -319,7 +319,7 @@ def reshard(src: str, out: str, *, world: int, strategy: str | None = None, over
         if _same_place(src, storage, out_name):
             raise CheckpointError(f"{out} is the source itself; nothing is ever written into a source")
         # Opened before the output is touched: a source the target cannot take costs nothing.
-        spec = ReaderSpec(source.format, source.folder, state, model_cfg, fresh_optimizer)
+        spec = ReaderSpec(source.format, source.folder, state, model_cfg, imported)
         reader = spec.open()
         opened = time.perf_counter()
         local = storage.local_path(out_name)
