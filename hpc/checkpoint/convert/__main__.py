@@ -7,6 +7,7 @@ source, and an output is committed (manifest last) only once all of it is writte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import shutil
@@ -88,19 +89,19 @@ def _common(p: argparse.ArgumentParser, *, workers: bool = True) -> None:
 
 def _print_report(report: Any, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(report.to_dict(), indent=1, default=str))
+        emit(json.dumps(report.to_dict(), indent=1, default=str))
         return
     gb = report.bytes / 1e9
     total = sum(v for k, v in report.seconds.items() if k != "verify")
-    print(f"{report.source} -> {report.output}")
-    print(f"  step {report.step} for {report.target}: {report.tensors} tensors, {gb:.3f} GB, {report.files} "
+    emit(f"{report.source} -> {report.output}")
+    emit(f"  step {report.step} for {report.target}: {report.tensors} tensors, {gb:.3f} GB, {report.files} "
           f"files in {total:.2f} s ({gb / max(report.seconds.get('convert', total), 1e-9):.2f} GB/s converting)")
     for note in report.notes:
-        print(f"  note: {note}")
+        emit(f"  note: {note}")
     if report.verified is not None:
         kinds = report.verified["kinds"]
         checked = ", ".join(f"{k} {v['equal']}/{v['tensors']} bitwise equal" for k, v in kinds.items())
-        print(f"  verified against the source in {report.seconds.get('verify', 0):.2f} s: {checked}"
+        emit(f"  verified against the source in {report.seconds.get('verify', 0):.2f} s: {checked}"
               + "".join(f"; not compared: {s}" for s in report.verified["skipped"]))
 
 
@@ -110,18 +111,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hpc.checkpoint.manifest import CheckpointError
     from hpc.config import ConfigError
 
+    _OUTPUT.clear()
     try:
-        return COMMANDS[args.command](args)
+        # Only the command's own output goes to stdout: libraries (DeepSpeed) print lines of their
+        # own to stdout on import, which would break --json.
+        with contextlib.redirect_stdout(sys.stderr):
+            code = COMMANDS[args.command](args)
     except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for text in _OUTPUT:
+        print(text)
+    return code
+
+
+_OUTPUT: list[str] = []
+
+
+def emit(text: str) -> None:
+    """A line of the command's output (printed to stdout once the command is done)."""
+    _OUTPUT.append(text)
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from hpc.checkpoint.convert.inspect import format_inspect, inspect_step
 
     info = inspect_step(args.step)
-    print(json.dumps(info, indent=1, default=str) if args.json else format_inspect(info))
+    emit(json.dumps(info, indent=1, default=str) if args.json else format_inspect(info))
     return 0
 
 
@@ -138,7 +154,7 @@ def _verify(args: argparse.Namespace) -> int:
     from hpc.checkpoint.convert.verify import verify
 
     result = verify(args.a, args.b, atol=args.atol, rtol=args.rtol)
-    print(json.dumps(result.to_dict(), indent=1) if args.json else result.table())
+    emit(json.dumps(result.to_dict(), indent=1) if args.json else result.table())
     return 0 if result.ok else 1
 
 
@@ -175,7 +191,7 @@ def _export(args: argparse.Namespace) -> int:
         source.close()
     seconds = time.perf_counter() - started
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
-    print(f"{args.step} -> {out} (Hugging Face Llama, {args.dtype}): {size / 1e9:.3f} GB in {seconds:.2f} s")
+    emit(f"{args.step} -> {out} (Hugging Face Llama, {args.dtype}): {size / 1e9:.3f} GB in {seconds:.2f} s")
     if args.verify:
         from hpc.checkpoint.convert.verify import verify
 
@@ -184,7 +200,7 @@ def _export(args: argparse.Namespace) -> int:
             shutil.rmtree(out, ignore_errors=True)
             raise CheckpointError(f"the export does not match its source ({result.summary()}); it was removed")
         stats = result.kinds.get("model")
-        print(f"  verified: model {stats.equal if stats else 0}/{stats.tensors if stats else 0} tensors equal "
+        emit(f"  verified: model {stats.equal if stats else 0}/{stats.tensors if stats else 0} tensors equal "
               f"to the source{' rounded to bf16' if args.dtype == 'bf16' else ''}")
     return 0
 
