@@ -30,7 +30,9 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_resubmitting_with_fewer_nodes_then_another_strategy_continues_the_run(
-        cluster_env: dict[str, str], tmp_path: Path) -> None:
+        cluster_env: dict[str, str], tmp_path: Path, torch_extensions_dir: Path) -> None:
+    # DeepSpeed's CPU ops built once for the suite, not once per job in its node-local scratch.
+    cluster_env = {**cluster_env, "TORCH_EXTENSIONS_DIR": str(torch_extensions_dir)}
     straight = Run(cluster_env, tmp_path / "straight",
                    submit(cluster_env, *BASE, "run.name=straight", "strategy=zero3", "nodes=2", "gpus_per_node=2",
                           "train.micro_batch_size=3", f"run.root={tmp_path}", "--no-wait"))

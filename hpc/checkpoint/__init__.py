@@ -13,6 +13,9 @@ manifest written last, resumed from the newest step that verifies.
     retention     which step folders go once a newer step commits
     storage       persistent storage: a path (os) or an fsspec URL
     space         will it fit? checked before training starts
+    convert/      any step to any world size and strategy, and to/from Hugging Face: one reader and
+                  writer per format over a neutral shape (tools/ckpt_convert; the restorer converts
+                  a step it cannot load as saved)
 
 Submodules are imported where used: the storage and manifest parts need no torch.
 """
