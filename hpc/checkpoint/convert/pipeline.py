@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,14 @@ from typing import Any
 import torch
 
 from hpc.checkpoint.convert.neutral import Part, Reader, StepState, TensorInfo, Writer
-from hpc.checkpoint.convert.steps import Source, Target, destination, open_source, target_from_preset
+from hpc.checkpoint.convert.steps import (
+    Source,
+    Target,
+    destination,
+    open_source,
+    target_from_preset,
+    verify_source_async,
+)
 from hpc.checkpoint.manifest import (
     CONFIG_FILE,
     MANIFEST,
@@ -105,16 +112,23 @@ def _init_worker(counter: Any) -> None:
 
 
 def run_part(spec: ReaderSpec, part: Part, reader: Reader | None = None) -> Any:
+    """Feed the part every tensor it asks for. The next tensor is read while the current one is
+    written (disk reads and writes overlap; at most two tensors are held)."""
     own = reader is None
     reader = reader or spec.open()
     try:
-        for key in part.keys:
-            tensor = reader.read(key)
-            part.write(key, tensor)
-            if _counter is not None:
-                with _counter.get_lock():
-                    _counter.value += tensor.numel() * tensor.element_size()
-            del tensor
+        with ThreadPoolExecutor(1, thread_name_prefix="hpc-convert-read") as pool:
+            keys = list(part.keys)
+            ahead = pool.submit(reader.read, keys[0]) if keys else None
+            for i, key in enumerate(keys):
+                assert ahead is not None
+                tensor = ahead.result()
+                ahead = pool.submit(reader.read, keys[i + 1]) if i + 1 < len(keys) else None
+                part.write(key, tensor)
+                if _counter is not None:
+                    with _counter.get_lock():
+                        _counter.value += tensor.numel() * tensor.element_size()
+                del tensor
         return part.close()
     finally:
         if own:
@@ -304,7 +318,10 @@ def reshard(src: str, out: str, *, world: int, strategy: str | None = None, over
     """Convert the committed step `src` into a committed step at `out` that a job with `world`
     ranks and `strategy` (a configs/strategy/ preset; default: the source's own) loads directly."""
     started = time.perf_counter()
-    source = open_source(src, tmp_dir=tmp_dir)
+    # The source's checksums are checked while it is converted (both read the same files, the
+    # second from the page cache); nothing is committed unless they match.
+    source = open_source(src, tmp_dir=tmp_dir, verify=False)
+    checking = verify_source_async(source)
     try:
         state = source.state
         name = strategy or _preset_of(state)
@@ -330,9 +347,20 @@ def reshard(src: str, out: str, *, world: int, strategy: str | None = None, over
             raise
         work = local if local is not None else Path(tempfile.mkdtemp(prefix="hpc-convert-out-", dir=tmp_dir)) / out_name
         try:
-            infos, notes = write_step(reader, spec, target, work, config_yaml=target_yaml, workers=workers,
-                                      what=f"step {state.step} -> {target.describe()}")
+            try:
+                infos, notes = write_step(reader, spec, target, work, config_yaml=target_yaml, workers=workers,
+                                          what=f"step {state.step} -> {target.describe()}")
+            except Exception:
+                problem = checking.result()  # a corrupt file is best named by its checksum
+                if problem:
+                    raise CheckpointError(f"{src} does not verify against its manifest: {problem}. HINT: "
+                                          "restore the file, or convert an older committed step") from None
+                raise
             converted = time.perf_counter()
+            problem = checking.result()
+            if problem:
+                raise CheckpointError(f"{src} does not verify against its manifest: {problem}. HINT: "
+                                      "restore the file, or convert an older committed step")
             manifest = commit_step(work, storage, out_name, out_step, target=target, state=state,
                                    config_yaml=target_yaml, in_place=local is not None,
                                    seconds={"convert": round(converted - opened, 3)})

@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,25 @@ def open_source(location: str, *, verify: bool = True, streams: int = 4, tmp_dir
             shutil.rmtree(temporary, ignore_errors=True)
         raise
     return Source(location, manifest.format, folder, state_of(folder, manifest), manifest, temporary)
+
+
+def verify_source_async(source: Source, *, streams: int = 4) -> Future:
+    """Check the source's files against its manifest in the background: a future of the first
+    problem, or None. (A downloaded source was checked on the way; an HF folder has no manifest.)"""
+    if source.manifest is None or source.temporary is not None:
+        done: Future = Future()
+        done.set_result(None)
+        return done
+    parent, _ = split_location(source.location)
+    converted = _CONVERTED.match(source.location.rstrip("/"))
+    root = (converted["root"] or ".") if converted else parent
+    name = str(source.folder.relative_to(Path(root))) if converted else source.folder.name
+    entries = {e.name: e for e in source.manifest.files}
+    pool = ThreadPoolExecutor(1, thread_name_prefix="hpc-convert-verify")
+    future = pool.submit(verify_checksums, open_storage(root), source.state.step, entries, list(entries),
+                         streams=streams, prefix=name)
+    pool.shutdown(wait=False)
+    return future
 
 
 def state_of(folder: Path, manifest: Manifest) -> StepState:
