@@ -1,4 +1,5 @@
-"""Staging for a DCP save: each rank copies only what it writes, into one flat host buffer."""
+"""Staging for a DCP save: each rank copies only what it writes, into one flat host buffer; the
+writer checksums each file as it writes it."""
 
 from __future__ import annotations
 
@@ -96,3 +97,38 @@ def test_flat_stager_keeps_a_dtensor_shard_and_its_sharding(tmp_path) -> None:
         assert staged.to_local().data_ptr() != weight.to_local().data_ptr()
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+def test_the_dcp_writer_checksums_each_file_as_it_writes_it(tmp_path, streams: int) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from hpc.checkpoint.formats import _dcp_writer
+    from hpc.checkpoint.storage import FileEntry, file_checksum
+    from hpc.checkpoint.transfer import local_files
+
+    written: dict[str, FileEntry] = {}
+    dcp.save(_ddp_like_state(), storage_writer=_dcp_writer(tmp_path, streams, 7, 0, written), no_dist=True)
+    shards = [name for name in local_files(tmp_path) if name.endswith(".distcp")]
+    assert len(shards) == streams
+    assert set(written) == set(local_files(tmp_path))  # .metadata too (written as .metadata.tmp, then renamed)
+    for name, entry in written.items():
+        assert entry == FileEntry(name, *file_checksum(tmp_path / name))
+
+
+def test_a_stream_seeked_back_into_is_not_trusted(tmp_path) -> None:
+    from hpc.checkpoint.formats import _ChecksummedStream
+
+    with open(tmp_path / "f", "wb") as raw:
+        stream = _ChecksummedStream(raw, "f", 1, 0, faults=False)
+        stream.write(b"x" * 100)
+        stream.seek(10)
+        stream.write(b"y")
+        stream.close()
+    assert stream.entry is None
+
+    with open(tmp_path / "g", "wb") as raw:
+        stream = _ChecksummedStream(raw, "g", 1, 0, faults=False)
+        stream.write(memoryview(torch.arange(10, dtype=torch.int64).numpy()))  # not a byte view: cast
+        stream.close()
+    assert stream.entry is not None and stream.entry.size == 80

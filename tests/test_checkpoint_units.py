@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from hpc import faults
 from hpc.checkpoint import storage as storage_module
@@ -31,6 +32,7 @@ from hpc.checkpoint.storage import (
     FsspecStorage,
     LocalStorage,
     Storage,
+    algorithm_of,
     file_checksum,
     open_storage,
 )
@@ -114,13 +116,19 @@ SHARDS = {"__0_0.distcp": payload(70_000, 1), "__1_0.distcp": payload(50_000, 2)
 
 # --- storage ----------------------------------------------------------------------------------
 
-def test_file_checksum_is_crc32_of_the_bytes_across_chunks(tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_file_checksum_is_xxh3_of_the_bytes_across_chunks(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(storage_module, "CHUNK", 4096)
-    data = payload(3 * 4096 + 3, 7)  # the crc carries across chunk boundaries
+    data = payload(3 * 4096 + 3, 7)  # the hash carries across chunk boundaries
     path = tmp_path / "big"
     path.write_bytes(data)
-    assert file_checksum(path) == (len(data), f"crc32:{zlib.crc32(data):08x}")
+    assert file_checksum(path) == (len(data), f"xxh3:{xxhash.xxh3_64(data).hexdigest()}")
+    assert file_checksum(path, "crc32") == (len(data), f"crc32:{zlib.crc32(data):08x}")
+
+
+def test_unknown_checksum_algorithm_names_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="unknown checksum algorithm 'md5'; this code reads xxh3 and crc32"):
+        algorithm_of("md5:0123")
 
 
 @pytest.mark.parametrize("at", [0, 4096, -1])
@@ -402,9 +410,9 @@ def test_upload_step_runs_streams_in_parallel(tmp_path: Path) -> None:
     both_in_put = threading.Barrier(2, timeout=5)  # breaks unless two puts overlap
 
     class Rendezvous(LocalStorage):
-        def put(self, local, name, on_bytes=None):  # type: ignore[no-untyped-def]
+        def put(self, local, name, on_bytes=None, written=None):  # type: ignore[no-untyped-def]
             both_in_put.wait()
-            return super().put(local, name, on_bytes)
+            return super().put(local, name, on_bytes, written)
 
     folder = scratch_step(tmp_path / "scratch" / "step-3", SHARDS)
     entries = upload_step(folder, Rendezvous(tmp_path / "persistent"), 3, streams=2, retries=0,
@@ -416,11 +424,11 @@ def test_upload_step_retries_a_failed_put(tmp_path: Path, caplog: pytest.LogCapt
     failed: list[str] = []
 
     class Flaky(LocalStorage):
-        def put(self, local, name, on_bytes=None):  # type: ignore[no-untyped-def]
+        def put(self, local, name, on_bytes=None, written=None):  # type: ignore[no-untyped-def]
             if name.endswith("rank-0.pt") and not failed:
                 failed.append(name)
                 raise ConnectionResetError("connection reset by peer")
-            return super().put(local, name, on_bytes)
+            return super().put(local, name, on_bytes, written)
 
     storage = Flaky(tmp_path / "persistent")
     folder = scratch_step(tmp_path / "scratch" / "step-3", SHARDS)
@@ -430,6 +438,102 @@ def test_upload_step_retries_a_failed_put(tmp_path: Path, caplog: pytest.LogCapt
     assert storage.read_bytes("step-3/rng/rank-0.pt") == SHARDS["rng/rank-0.pt"]
     assert {e.name for e in entries} == set(SHARDS)
     assert any("connection reset" in r.getMessage() for r in caplog.records)
+
+
+def written_entries(folder: Path) -> dict[str, FileEntry]:
+    """What the shard writer would have recorded: each file's size and checksum."""
+    return {name: FileEntry(name, *file_checksum(folder / name)) for name in local_files(folder)}
+
+
+def test_put_of_a_file_checksummed_as_written_copies_in_the_kernel(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "__0_0.distcp"
+    src.write_bytes(payload(3 * 4096 + 5))
+    written = FileEntry("__0_0.distcp", *file_checksum(src, "xxh3"))
+    monkeypatch.setattr(storage_module, "KERNEL_CHUNK", 4096)  # several calls, progress partway
+    monkeypatch.setattr(storage_module, "copy_stream", None)  # no userspace pass may run
+    progress: list[int] = []
+    entry = LocalStorage(tmp_path / "persistent").put(src, "step-1/__0_0.distcp", progress.append, written)
+    assert entry == FileEntry("step-1/__0_0.distcp", written.size, written.checksum)
+    assert (tmp_path / "persistent" / "step-1" / "__0_0.distcp").read_bytes() == src.read_bytes()
+    assert progress == [4096, 8192, 12288, 3 * 4096 + 5]
+
+
+def test_kernel_copy_without_copy_file_range_falls_back_to_sendfile(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    def unsupported(*args: object) -> int:
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", unsupported)
+    src = tmp_path / "a"
+    src.write_bytes(payload(100_000))
+    with open(src, "rb") as fin, open(tmp_path / "b", "wb") as fout:
+        assert storage_module.kernel_copy(fin.fileno(), fout.fileno(), 100_000) == 100_000
+    assert (tmp_path / "b").read_bytes() == src.read_bytes()
+
+
+def test_kernel_copy_of_a_source_shorter_than_promised_is_a_short_copy(tmp_path: Path) -> None:
+    src = tmp_path / "a"
+    src.write_bytes(payload(10_000))
+    with open(src, "rb") as fin, open(tmp_path / "b", "wb") as fout, \
+            pytest.raises(storage_module.ShortCopy, match="copied 10000 of 20000 bytes"):
+        storage_module.kernel_copy(fin.fileno(), fout.fileno(), 20_000)
+
+
+def test_put_detects_a_copy_that_came_out_short(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def copies_half(src: int, dst: int, size: int, on_bytes: object = None) -> int:
+        os.write(dst, os.pread(src, size // 2, 0))
+        return size  # claims all of it: the destination's size gives it away
+
+    monkeypatch.setattr(storage_module, "kernel_copy", copies_half)
+    src = tmp_path / "shard"
+    src.write_bytes(payload(10_000))
+    with pytest.raises(storage_module.ShortCopy, match="has 5000 bytes after copying 10000"):
+        LocalStorage(tmp_path / "p").put(src, "step-1/shard", None, FileEntry("shard", *file_checksum(src)))
+
+
+def test_put_of_a_file_whose_size_changed_since_written_hashes_it_again(tmp_path: Path) -> None:
+    src = tmp_path / "shard"
+    src.write_bytes(payload(10_000))
+    stale = FileEntry("shard", 9_999, "xxh3:0000000000000000")
+    assert LocalStorage(tmp_path / "p").put(src, "step-1/shard", None, stale).checksum == file_checksum(src)[1]
+
+
+def test_upload_step_trusts_written_checksums_and_catches_a_file_changed_since(
+        storage: Storage, tmp_path: Path) -> None:
+    folder = scratch_step(tmp_path / "scratch" / "step-7", SHARDS)
+    written = written_entries(folder)
+    entries = upload_step(folder, storage, 7, streams=2, retries=0, backoff_s=0.0, rank=0, written=written)
+    assert {e.name: e for e in entries} == written
+    storage.write_atomic(f"step-7/{MANIFEST}", make_manifest(7, entries).to_json())
+    assert verify_checksums(storage, 7, written, written) is None  # the persistent copies match
+
+    flip_byte(folder / "__0_0.distcp", 100)  # same size: only the fsspec path (which reads) can tell
+    if isinstance(storage, FsspecStorage):
+        with pytest.raises(ChecksumMismatch, match="__0_0.distcp"):
+            upload_step(folder, storage, 8, streams=2, retries=0, backoff_s=0.0, rank=0, written=written)
+    else:  # the kernel copy trusts the writer's checksum; the restore's verification catches the copy
+        upload_step(folder, storage, 8, streams=2, retries=0, backoff_s=0.0, rank=0, written=written)
+        problem = verify_checksums(storage, 8, written, ["__0_0.distcp"])
+        assert problem is not None and "__0_0.distcp: checksum xxh3:" in problem
+
+
+def test_a_step_committed_with_crc32_checksums_still_verifies(storage: Storage, tmp_path: Path) -> None:
+    src = scratch_step(tmp_path / "src", SHARDS)
+    for name in SHARDS:
+        storage.put(src / name, f"step-4/{name}")
+    # As versions before xxh3 listed them:
+    entries = [FileEntry(name, len(data), f"crc32:{zlib.crc32(data):08x}") for name, data in SHARDS.items()]
+    manifest = make_manifest(4, entries)
+    storage.write_atomic(f"step-4/{MANIFEST}", manifest.to_json())
+    by_name = {e.name: e for e in entries}
+    assert verify_checksums(storage, 4, by_name, by_name) is None
+    view = scratch_step(tmp_path / "scratch" / "step-4", {"__0_0.distcp": SHARDS["__0_0.distcp"]})
+    assert stage(storage, manifest, view)[0]["local"] == 1  # the scratch copy matches its crc32
+
+    flip_byte(tmp_path / "persistent" / "step-4" / "__1_0.distcp", 7)
+    problem = verify_checksums(storage, 4, by_name, by_name)
+    assert problem is not None and problem.startswith("file __1_0.distcp: checksum crc32:")
 
 
 def stage(storage: Storage, manifest: Manifest, view: Path) -> tuple[dict[str, int], list[str]]:

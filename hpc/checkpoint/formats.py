@@ -2,7 +2,8 @@
 
   dcp        DDP and FSDP: torch.distributed.checkpoint, one writer per rank (several files with
              `streams` threads), asynchronous: the caller waits only while tensors are copied to
-             host memory. Loads at any world size (DCP reshards on load).
+             host memory. Loads at any world size (DCP reshards on load). Each file is checksummed
+             as it is written (`StateFormat.written`), so the upload need not read it again.
   deepspeed  the engine's own save_checkpoint/load_checkpoint, synchronous (to fast local scratch;
              the slow upload is in the background either way). Bound to the world size it was
              saved at: another size goes through tools/ckpt_convert.
@@ -24,6 +25,7 @@ import torch.distributed as dist
 
 from hpc.checkpoint.manifest import CheckpointError
 from hpc.checkpoint.staging import FlatStager, rank_share
+from hpc.checkpoint.storage import ALGORITHM, CHUNK, FileEntry, checksum_text, hasher
 from hpc.faults import ENV as FAULTS_ENV
 from hpc.faults import fault_point
 from hpc.train import rng
@@ -42,42 +44,81 @@ def _done(value: Any = None) -> Future:
     return future
 
 
-class _FaultyStream:
-    """Wraps a shard file being written so a test can SIGKILL this rank half-way through it."""
+class _ChecksummedStream:
+    """Wraps a file DCP writes: hashes the bytes on their way to the file (the writer threads do it,
+    in parallel, on bytes already in cache) and, under fault injection, lets a test SIGKILL this
+    rank half-way through a shard. A seek or truncate (DCP does neither) voids the checksum."""
 
-    def __init__(self, stream: Any, step: int, rank: int) -> None:
-        self.stream, self.step, self.rank, self.written = stream, step, rank, 0
+    def __init__(self, stream: Any, name: str, step: int, rank: int, faults: bool) -> None:
+        self.stream, self.name, self.step, self.rank, self.faults = stream, name, step, rank, faults
+        self.hash, self.written, self.void = hasher(ALGORITHM), 0, False
+        self.entry: FileEntry | None = None
+        """The file's size and checksum once closed, when every byte of it went through write()."""
 
     def write(self, data: Any) -> int:
-        n = self.stream.write(data)
-        self.written += len(memoryview(data).cast("B"))
-        if self.written > 4096:
+        view = memoryview(data).cast("B")
+        n = 0
+        for start in range(0, len(view), CHUNK):  # each piece hashed while it is still in cache
+            piece = view[start:start + CHUNK]
+            n += self.stream.write(piece)
+            self.hash.update(piece)
+        self.written += n
+        if self.faults and self.written > 4096:
             fault_point("shard_write", step=self.step, rank=self.rank)
         return n
+
+    def seek(self, *args: Any) -> int:
+        position = self.stream.seek(*args)
+        self.void = self.void or position != self.written
+        return position
+
+    def truncate(self, *args: Any) -> int:
+        self.void = True
+        return self.stream.truncate(*args)
+
+    def close(self) -> None:
+        if not self.stream.closed:
+            self.stream.flush()
+            # The file's own size, not only our count: bytes written around write() void it too.
+            if not self.void and os.fstat(self.stream.fileno()).st_size == self.written:
+                self.entry = FileEntry(self.name, self.written, checksum_text(ALGORITHM, self.hash))
+        self.stream.close()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)
 
-    def __enter__(self) -> _FaultyStream:
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.stream.close()
-
-
-def _dcp_writer(path: Path, streams: int, step: int, rank: int) -> Any:
+def _dcp_writer(path: Path, streams: int, step: int, rank: int, written: dict[str, FileEntry]) -> Any:
+    """DCP's file writer, each file checksummed into `written` (by name in `path`) once closed."""
     from torch.distributed.checkpoint import FileSystemWriter
 
     writer = FileSystemWriter(str(path), thread_count=streams, sync_files=True)
-    if os.environ.get(FAULTS_ENV):  # fault-injection tests only: wrap each shard file being written
-        create_stream = writer.fs.create_stream
+    create_stream = writer.fs.create_stream
+    faults = bool(os.environ.get(FAULTS_ENV))
 
-        @contextlib.contextmanager
-        def faulty_create_stream(name: Any, mode: str) -> Iterator[Any]:
-            with create_stream(name, mode) as stream:
-                yield _FaultyStream(stream, step, rank) if "w" in mode else stream
+    @contextlib.contextmanager
+    def checksummed_stream(name: Any, mode: str) -> Iterator[Any]:
+        with create_stream(name, mode) as stream:
+            if "w" not in mode:
+                yield stream
+                return
+            wrapped = _ChecksummedStream(stream, os.path.relpath(name, path), step, rank, faults)
+            yield wrapped
+            wrapped.close()  # DCP closes data files itself (after its fsync); its metadata it leaves to us
+            if wrapped.entry is not None:
+                written[wrapped.name] = wrapped.entry
 
-        writer.fs.create_stream = faulty_create_stream  # type: ignore[method-assign]
+    rename = writer.fs.rename
+
+    def rename_with_checksum(old: Any, new: Any) -> None:  # DCP writes .metadata.tmp, then renames it
+        rename(old, new)
+        entry = written.pop(os.path.relpath(old, path), None)
+        if entry is not None:
+            name = os.path.relpath(new, path)
+            written[name] = FileEntry(name, entry.size, entry.checksum)
+
+    writer.fs.create_stream = checksummed_stream  # type: ignore[method-assign]
+    writer.fs.rename = rename_with_checksum  # type: ignore[method-assign]
     return writer
 
 
@@ -89,6 +130,9 @@ class StateFormat:
         self.name = format_of(engine)
         self.stager = FlatStager(pin=torch.cuda.is_available() and engine.world.is_cuda) \
             if self.name == "dcp" else None
+        self.written: dict[str, FileEntry] = {}
+        """Files of the last save checksummed as this rank wrote them, by name in the step folder
+        (complete once its future is done; DeepSpeed's files are checksummed on upload instead)."""
 
     def _dcp_state(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -106,7 +150,8 @@ class StateFormat:
             return _done()
         import torch.distributed.checkpoint as dcp
 
-        writer = _dcp_writer(folder, self.streams, step, rank)
+        self.written = {}
+        writer = _dcp_writer(folder, self.streams, step, rank, self.written)
         world = dist.get_world_size(self.group) if dist.is_initialized() else 1
         # Only what this rank writes: DCP writes each replicated tensor once, so under DDP the
         # ranks' shares together are one replica instead of every rank copying all of it.
@@ -157,10 +202,11 @@ class StateFormat:
             self.stager.close()
 
 
-def save_rng(folder: Path, rank: int) -> None:
+def save_rng(folder: Path, rank: int, state: dict[str, Any] | None = None) -> None:
+    """This rank's RNG states (`state`, as rng.capture() took them, or now) into the step folder."""
     path = folder / RNG_DIR / f"rank-{rank}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(rng.capture(), path)
+    torch.save(rng.capture() if state is None else state, path)
 
 
 def load_rng(folder: Path, rank: int) -> None:

@@ -1,11 +1,14 @@
 """The saving half of the checkpointer: write on scratch, upload, commit, retention.
 
     save(step)   [loop blocked]  wait for the previous save -> copy tensors to host (DCP async) or
-                                 write them (DeepSpeed) into scratch/step-N on each node
-                 [background]    all ranks' shards written -> each node's local rank 0 uploads its
-                                 node's files (parallel streams, retries) -> rank 0 gathers sizes
-                                 and checksums and writes step-N/manifest.json last, atomically
-                                 -> retention (persistent and scratch)
+                                 write them (DeepSpeed) into scratch/step-N on each node; RNG
+                                 states are taken (and written with the small files later)
+                 [background]    all ranks' shards written (and checksummed as written) -> each
+                                 node's local rank 0 uploads its node's files (parallel streams,
+                                 retries; files checksummed as written are copied in the kernel)
+                                 -> rank 0 gathers sizes and checksums and writes
+                                 step-N/manifest.json last, atomically -> retention (persistent
+                                 and scratch)
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from hpc.checkpoint.transfer import upload_step
 from hpc.config import Config
 from hpc.config.diff import config_hash
 from hpc.faults import fault_point
+from hpc.train import rng
 from hpc.train.data import GlobalBatches
 from hpc.train.strategies import Engine, World
 
@@ -61,6 +65,8 @@ class SaveInFlight:
     """Seconds save() waited for the previous save."""
     blocked: float
     """Seconds the loop was blocked by this save (after that wait)."""
+    rng: dict[str, Any]
+    """This rank's RNG states at this step (hpc.train.rng.capture)."""
 
 
 @dataclass(frozen=True)
@@ -102,17 +108,11 @@ class Saver:
             shutil.rmtree(folder)  # a leftover of an interrupted attempt at this step
         self.collectives.barrier()
         folder.mkdir(parents=True, exist_ok=True)
-        save_rng(folder, self.world.rank)
-        data = batches.state_dict()
-        if self.world.rank == 0:
-            (folder / CONFIG_FILE).write_text(self.config_yaml)
-            # The LR schedule is a pure function of the step (hpc.train.optim.lr_at): its position is the step.
-            (folder / TRAINER_FILE).write_text(json.dumps(
-                {"step": step, "data": data, "lr_schedule": {"at_step": step},
-                 "world_size": self.world.world_size, "strategy": engine.name}, indent=1))
+        # Taken now, before training draws again; written (with the small files) in the background.
+        rng_state, data = rng.capture(), batches.state_dict()
         written = self.format.save(folder, step, self.world.rank)
         flight = SaveInFlight(step=step, data=data, strategy=engine.name, started=started, waited=waited,
-                              blocked=time.perf_counter() - started - waited)
+                              blocked=time.perf_counter() - started - waited, rng=rng_state)
         future: Future = Future()
         self.pending = future
         threading.Thread(target=self._finish, args=(folder, written, flight, future), daemon=True,
@@ -127,9 +127,13 @@ class Saver:
         metadata = None
         try:
             try:
+                self._write_small_files(folder, flight)
+            except Exception as err:  # noqa: BLE001
+                error = f"writing the RNG state or trainer files on rank {rank} failed: {err}"
+            try:
                 metadata = written.result()
             except Exception as err:  # noqa: BLE001
-                error = f"writing the shards on rank {rank} failed: {err}"
+                error = error or f"writing the shards on rank {rank} failed: {err}"
             write_s = time.perf_counter() - flight.started
             if rank == 0 and error is None:
                 try:
@@ -137,13 +141,19 @@ class Saver:
                     self.storage.remove(f"{step_dir(step)}/{MANIFEST}")
                 except Exception as err:  # noqa: BLE001
                     error = f"removing a stale {step_dir(step)}/{MANIFEST} failed: {err}"
-            self.collectives.barrier()  # every node's shards are complete on its scratch
+            # Also the barrier after which every node's shards are complete on its scratch: each
+            # rank's checksums of the files it wrote reach its node's drainer, which then need not
+            # read those files again to upload them.
+            written: dict[str, FileEntry] = {}
+            for part in self.collectives.gather(dict(self.format.written) if error is None else {}):
+                written.update(part)
             up_started = time.perf_counter()
             entries: list[FileEntry] = []
             if self.drainer and error is None:
                 try:
                     entries = upload_step(folder, self.storage, step, streams=self.ckpt.streams,
-                                          retries=self.ckpt.retries, backoff_s=self.ckpt.backoff_s, rank=rank)
+                                          retries=self.ckpt.retries, backoff_s=self.ckpt.backoff_s, rank=rank,
+                                          written=written)
                 except Exception as err:  # noqa: BLE001
                     error = f"upload from node {self.node} failed: {err}"
             gathered = self.collectives.gather(NodeUpload(entries, error, time.perf_counter() - up_started))
@@ -168,6 +178,16 @@ class Saver:
         if self.drainer:
             clean_scratch(self.scratch, keep={step, self.last_committed if self.last_committed is not None else -1})
         future.set_result(outcome)
+
+    def _write_small_files(self, folder: Path, flight: SaveInFlight) -> None:
+        """Beside the shards: this rank's RNG states; on rank 0 the config and the trainer state."""
+        save_rng(folder, self.world.rank, flight.rng)
+        if self.world.rank == 0:
+            (folder / CONFIG_FILE).write_text(self.config_yaml)
+            # The LR schedule is a pure function of the step (hpc.train.optim.lr_at): its position is the step.
+            (folder / TRAINER_FILE).write_text(json.dumps(
+                {"step": flight.step, "data": flight.data, "lr_schedule": {"at_step": flight.step},
+                 "world_size": self.world.world_size, "strategy": flight.strategy}, indent=1))
 
     def _retention(self, step: int) -> None:
         protected = {step} | ({self.resumed_step} if self.resumed_step is not None else set())

@@ -1,7 +1,9 @@
 """Moving step folders between node-local scratch and persistent storage, both ways.
 
 Uploads (after a save) and staging (before a resume) run `streams` files at a time, each retried
-with exponential backoff (`with_retries`); a file's checksum is computed while it is copied.
+with exponential backoff (`with_retries`); a file's checksum is computed while it is copied, unless
+it was taken while the file was written (then a mounted filesystem copies it in the kernel).
+Checksums are recomputed with the algorithm the manifest names, so older (`crc32:`) steps verify.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from hpc.checkpoint.manifest import step_dir
-from hpc.checkpoint.storage import FileEntry, Storage, file_checksum
+from hpc.checkpoint.storage import FileEntry, Storage, algorithm_of, file_checksum
 from hpc.faults import fault_point
 
 log = logging.getLogger("hpc")
@@ -45,9 +47,12 @@ def local_files(folder: Path) -> list[str]:
 
 
 def upload_step(folder: Path, storage: Storage, step: int, *, streams: int, retries: int,
-                backoff_s: float, rank: int, prefix: str | None = None) -> list[FileEntry]:
-    """Copy every file of a scratch step folder to `step-N/` (or `prefix/`) at the persistent location."""
+                backoff_s: float, rank: int, prefix: str | None = None,
+                written: dict[str, FileEntry] | None = None) -> list[FileEntry]:
+    """Copy every file of a scratch step folder to `step-N/` (or `prefix/`) at the persistent location.
+    `written`: sizes and checksums taken while files were written, by name in the folder."""
     prefix = prefix or step_dir(step)
+    written = written or {}
 
     def one(name: str) -> FileEntry:
         size = (folder / name).stat().st_size  # once, not per chunk
@@ -56,9 +61,14 @@ def upload_step(folder: Path, storage: Storage, step: int, *, streams: int, retr
             if done >= (1 << 20) or done == size:  # partway through the file (fault tests)
                 fault_point("upload", step=step, rank=rank)
 
+        known = written.get(name)
         entry = with_retries(f"upload {folder / name} -> {storage.url}/{prefix}/{name}",
-                             lambda: storage.put(folder / name, f"{prefix}/{name}", on_bytes),
+                             lambda: storage.put(folder / name, f"{prefix}/{name}", on_bytes, known),
                              retries=retries, backoff_s=backoff_s)
+        if known is not None and (entry.size, entry.checksum) != (known.size, known.checksum):
+            # The scratch file changed after its writer checksummed it: list neither version.
+            raise ChecksumMismatch(name, known.checksum, f"{entry.checksum} ({entry.size} bytes, "
+                                   f"written {known.size})")
         return FileEntry(name, entry.size, entry.checksum)
 
     with ThreadPoolExecutor(max(1, streams), thread_name_prefix="hpc-upload") as pool:
@@ -80,8 +90,9 @@ def stage_view(manifest_files: Iterable[FileEntry], storage: Storage, step: int,
 
     def one(entry: FileEntry) -> str:
         path = view / entry.name
+        algorithm = algorithm_of(entry.checksum)
         if path.is_file() and not path.is_symlink() and path.stat().st_size == entry.size \
-                and file_checksum(path)[1] == entry.checksum:
+                and file_checksum(path, algorithm)[1] == entry.checksum:
             return "local"
         if path.is_symlink() or path.exists():
             path.unlink()
@@ -91,7 +102,7 @@ def stage_view(manifest_files: Iterable[FileEntry], storage: Storage, step: int,
             os.symlink(remote, path)
             return "linked"
         got = with_retries(f"download {storage.url}/{prefix}/{entry.name}",
-                           lambda: storage.get(f"{prefix}/{entry.name}", path),
+                           lambda: storage.get(f"{prefix}/{entry.name}", path, algorithm),
                            retries=retries, backoff_s=backoff_s)
         if got.checksum != entry.checksum:
             raise ChecksumMismatch(entry.name, entry.checksum, got.checksum)
@@ -116,7 +127,11 @@ def verify_checksums(storage: Storage, step: int, entries: dict[str, FileEntry],
     """Read the named files at the persistent location, `streams` at a time (one read stream is
     slow on a parallel filesystem); the first problem, or None."""
     def one(name: str) -> str | None:
-        size, checksum = storage.checksum(f"{prefix or step_dir(step)}/{name}")
+        try:
+            algorithm = algorithm_of(entries[name].checksum)
+        except ValueError as err:
+            return f"file {name}: {err}"
+        size, checksum = storage.checksum(f"{prefix or step_dir(step)}/{name}", algorithm)
         if size != entries[name].size:
             return f"file {name} has {size} bytes, the manifest says {entries[name].size}"
         if checksum != entries[name].checksum:
