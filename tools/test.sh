@@ -11,7 +11,9 @@ if [ "$(id -u)" = 0 ]; then
     export HPC_REQUIRE_SLURM=1
 fi
 set +e
-.venv/bin/python -m pytest "$@"
+# Two workers: the SLURM tests, which mostly wait on the cluster (time limits, grace times), run on
+# one of them while the other runs the rest (tests/conftest.py groups them).
+.venv/bin/python -m pytest -n 2 --dist loadgroup "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then
