@@ -23,13 +23,3 @@ def cluster_env() -> dict[str, str]:
     from slurm_jobs import client_env
 
     return client_env()
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`--dist loadgroup`, as tools/test.sh runs it) the tests that use the
-    one local SLURM cluster run on one worker, one after another (they fill its 4 nodes), while the
-    other worker runs the rest; every other test file stays whole on one worker, so its module
-    fixtures (reference runs) are built once."""
-    for item in items:
-        group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))

@@ -11,9 +11,7 @@ if [ "$(id -u)" = 0 ]; then
     export HPC_REQUIRE_SLURM=1
 fi
 set +e
-# Two workers: the SLURM tests, which mostly wait on the cluster (time limits, grace times), run on
-# one of them while the other runs the rest (tests/conftest.py groups them).
-.venv/bin/python -m pytest -n 2 --dist loadgroup "$@"
+.venv/bin/python -m pytest "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then
