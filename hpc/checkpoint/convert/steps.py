@@ -67,6 +67,9 @@ class Source:
     manifest: Manifest | None = None
     temporary: Path | None = None
     """A download folder to delete when done."""
+    storage: Storage | None = None
+    """Where the step lives, and its folder there (`step-N`, or `step-N/converted/<target>`)."""
+    name: str = ""
 
     def close(self) -> None:
         if self.temporary is not None:
@@ -129,24 +132,20 @@ def open_source(location: str, *, verify: bool = True, streams: int = 4, tmp_dir
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
         raise
-    return Source(location, manifest.format, folder, state_of(folder, manifest), manifest, temporary)
+    return Source(location, manifest.format, folder, state_of(folder, manifest), manifest, temporary, storage, name)
 
 
 def verify_source_async(source: Source, *, streams: int = 4) -> Future:
     """Check the source's files against its manifest in the background: a future of the first
     problem, or None. (A downloaded source was checked on the way; an HF folder has no manifest.)"""
-    if source.manifest is None or source.temporary is not None:
+    if source.manifest is None or source.temporary is not None or source.storage is None:
         done: Future = Future()
         done.set_result(None)
         return done
-    parent, _ = split_location(source.location)
-    converted = _CONVERTED.match(source.location.rstrip("/"))
-    root = (converted["root"] or ".") if converted else parent
-    name = str(source.folder.relative_to(Path(root))) if converted else source.folder.name
     entries = {e.name: e for e in source.manifest.files}
     pool = ThreadPoolExecutor(1, thread_name_prefix="hpc-convert-verify")
-    future = pool.submit(verify_checksums, open_storage(root), source.state.step, entries, list(entries),
-                         streams=streams, prefix=name)
+    future = pool.submit(verify_checksums, source.storage, source.state.step, entries, list(entries),
+                         streams=streams, prefix=source.name)
     pool.shutdown(wait=False)
     return future
 
