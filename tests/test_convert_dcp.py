@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from hpc.checkpoint.convert.dcp import DcpReader, DcpWriter, row_blocks
-from hpc.checkpoint.convert.neutral import StepState, TensorInfo, model_key, optim_key
+from hpc.checkpoint.convert.neutral import StepState, TensorInfo, adamw_group_defaults, model_key, optim_key
 from hpc.checkpoint.manifest import CheckpointError
 from hpc.config.schema import StrategyConfig
 
@@ -370,3 +370,9 @@ def test_a_missing_or_corrupt_metadata_is_named(tmp_path: Path) -> None:
     (tmp_path / ".metadata").unlink()
     with pytest.raises(CheckpointError, match=r"\.metadata: missing, so .* is not a complete DCP"):
         DcpReader(tmp_path, state)
+
+
+def test_adamw_group_defaults_are_what_the_trainers_adamw_keeps() -> None:
+    # The converters read the defaults off the signatures (no optimizer built: that imports dynamo).
+    group = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], foreach=True).param_groups[0]
+    assert adamw_group_defaults() == {name: value for name, value in group.items() if name != "params"}

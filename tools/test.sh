@@ -10,13 +10,46 @@ if [ "$(id -u)" = 0 ]; then
     python3 tools/slurm_cluster.py up
     export HPC_REQUIRE_SLURM=1
 fi
+# Two pytest processes side by side: the SLURM tests (-m slurm: mostly waiting on time limits, grace
+# times and slowed steps; one after another, they fill the cluster's 4 nodes) and the rest. The rest
+# run at the lowest priority, in a session of their own whose autogroup is niced to 19 (with the
+# kernel's autogroups, process nice values only count within a session): the jobs on the cluster
+# keep their timing while the other tests take the CPU the jobs leave idle. Arguments go to both
+# (e.g. a test file: the half without any of its tests collects nothing, exit 5, which is fine as
+# long as the other half ran something).
+run_half() {  # NAME MARK ARGS...: one half, its lines prefixed with its name
+    local name=$1 mark=$2
+    shift 2
+    if [ "$name" = slurm ]; then
+        .venv/bin/python -m pytest -m "$mark" "$@"
+    else
+        setsid --wait sh -c 'echo 19 > /proc/$$/autogroup 2>/dev/null; exec nice -n 19 "$@"' sh \
+            .venv/bin/python -m pytest -m "$mark" "$@"
+    fi 2>&1 | sed -u "s/^/[$name] /"
+    return "${PIPESTATUS[0]}"
+}
 set +e
-.venv/bin/python -m pytest "$@"
-rc=$?
+run_half slurm "slurm" "$@" &
+slurm_pid=$!
+run_half other "not slurm" "$@" &
+other_pid=$!
+trap 'pkill -TERM -f "^.venv/bin/python -m pytest -m" 2>/dev/null; exit 130' INT TERM
+wait "$other_pid"
+rc_other=$?
+wait "$slurm_pid"
+rc_slurm=$?
+trap - INT TERM
 set -e
-if [ "$rc" = 5 ]; then
+echo "SLURM tests exit $rc_slurm, other tests exit $rc_other"
+if [ "$rc_slurm" = 5 ] && [ "$rc_other" = 5 ]; then
     echo "pytest collected no tests (exit 5): nothing ran" >&2
     rc=1
+elif [ "$rc_slurm" != 0 ] && [ "$rc_slurm" != 5 ]; then
+    rc=$rc_slurm
+elif [ "$rc_other" != 0 ] && [ "$rc_other" != 5 ]; then
+    rc=$rc_other
+else
+    rc=0
 fi
 echo "test suite wall time: $(( $(date +%s) - start )) s (exit $rc)"
 exit "$rc"

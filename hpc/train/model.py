@@ -180,6 +180,28 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
+_DEFAULT_INITS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                  "xavier_normal_", "constant_", "ones_", "zeros_")
+
+
+def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape, in the model's own parameter order, with no tensor allocated: for
+    tools that map checkpoints. The model is built on the meta device with torch's per-layer default
+    initialisers skipped: on meta they change nothing, yet their first call imports torch._dynamo,
+    seconds of start-up for a command that never trains. (The swap is process-wide for its few
+    milliseconds: call it where no other thread is building a model.)"""
+    saved = {name: getattr(nn.init, name) for name in _DEFAULT_INITS}
+    try:
+        for name in _DEFAULT_INITS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            model = Transformer(cfg)
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+    return {name: tuple(param.shape) for name, param in model.named_parameters()}
+
+
 def count_params(cfg: ModelConfig) -> int:
     """Parameter count from the shape alone (no tensors)."""
     head_dim = cfg.dim // cfg.n_heads

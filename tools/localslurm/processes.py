@@ -105,12 +105,22 @@ def run(argv: Sequence[str], env: dict[str, str] | None = None, timeout: float =
         return subprocess.CompletedProcess(list(argv), 127, "", str(exc))
 
 
+def _normal_priority() -> None:
+    """Daemons (and so every job they start) run at nice 0 even when `up` is called from a niced
+    shell: tools/test.sh runs the tests niced beside SLURM jobs whose timing must hold."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except PermissionError:  # only root may lower a nice value; the cluster needs root anyway
+        pass
+
+
 def run_detaching(argv: Sequence[str], env: dict[str, str], log: Path) -> None:
     """Run a daemon that forks into the background; fail if the launcher itself fails."""
     with open(log, "ab") as out:
         try:
             proc = subprocess.run(list(argv), env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                  stderr=subprocess.STDOUT, timeout=START_TIMEOUT_S, check=False)
+                                  stderr=subprocess.STDOUT, timeout=START_TIMEOUT_S, check=False,
+                                  preexec_fn=_normal_priority)
         except subprocess.TimeoutExpired:
             raise ClusterError(f"`{' '.join(argv)}` did not detach within {START_TIMEOUT_S:.0f} s") from None
     if proc.returncode != 0:

@@ -45,12 +45,14 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from hpc.checkpoint.convert.outfile import OutputFile
 from hpc.checkpoint.convert.neutral import (
     ADAM_STATES,
     MODEL,
     OPTIM,
     StepState,
     TensorInfo,
+    adamw_group_defaults,
     model_key,
     optim_key,
     split_key,
@@ -107,15 +109,14 @@ def model_order(config_yaml: str) -> list[str]:
     if not config_yaml:
         return []
     from hpc.config import ConfigError, from_yaml
-    from hpc.train.model import Transformer
+    from hpc.train.model import parameter_shapes
 
     try:
         cfg = from_yaml(config_yaml)
     except ConfigError as err:
         log.warning("the step's config.yaml does not compose (%s); tensors keep the metadata's order", err)
         return []
-    with torch.device("meta"):  # names and shapes only: nothing is allocated
-        return [name for name, _ in Transformer(cfg.model).named_parameters()]
+    return list(parameter_shapes(cfg.model))
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -317,13 +318,6 @@ def row_blocks(shape: tuple[int, ...], shards: int) -> list[Box]:
             for start in range(0, shape[0], per)]
 
 
-def adamw_group_defaults() -> dict[str, Any]:
-    """Every hyperparameter this torch's AdamW keeps in a param group, set as build_optimizer sets
-    them: a load asks for each one, and a source from another engine may lack some."""
-    group = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], foreach=True).param_groups[0]
-    return {name: value for name, value in group.items() if name != "params"}
-
-
 def _check_complete(infos: list[TensorInfo], groups: list[dict[str, Any]]) -> None:
     """What a DDP/FSDP load needs of the neutral tensors: a load fails on any key it lacks."""
     keys = {info.key for info in infos}
@@ -376,7 +370,7 @@ class DcpPart:
         self._written.add(key)
         flat, _ = _flat_of(key)
         if self._stream is None:
-            self._stream = open(self.folder / self.file_name, "wb")  # noqa: SIM115 - closed in close()
+            self._stream = OutputFile(self.folder / self.file_name)
         tensor = tensor.detach().cpu()
         for offsets, sizes in boxes:
             piece = _box(tensor, offsets, sizes)
@@ -391,9 +385,7 @@ class DcpPart:
         if missing:
             raise ValueError(f"{self.file_name}: {len(missing)} tensors never written, e.g. {missing[0]}")
         if self._stream is not None:
-            self._stream.flush()
-            os.fsync(self._stream.fileno())
-            self._stream.close()
+            self._stream.close()  # durable
             self._stream = None
         return list(self.records)
 

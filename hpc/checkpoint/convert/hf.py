@@ -33,6 +33,7 @@ from hpc.checkpoint.convert.hf_layout import (
     rotary_heads,
     to_hf_rows,
 )
+from hpc.checkpoint.convert.outfile import OutputFile
 from hpc.checkpoint.convert.neutral import MODEL, StepState, TensorInfo, model_key, split_key
 from hpc.config.schema import ModelConfig
 
@@ -86,16 +87,14 @@ class HfShardPart:
         if tuple(tensor.shape) != entry.shape:
             raise ValueError(f"{key}: shape {tuple(tensor.shape)}, the model config expects {entry.shape}")
         if index == 0:
-            self._file = open(self._partial(file_name), "wb")
+            self._file = OutputFile(self._partial(file_name))
             self._file.write(_header(entries, self.dtype))
         out = to_hf_rows(tensor, entry.heads) if entry.heads else tensor
         out = out.detach().to(self.dtype).contiguous().reshape(-1)
         self._file.write(out.view(torch.uint8).numpy().data)
         self._at += 1
         if index == len(entries) - 1:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+            self._file.close()  # durable
             os.replace(self._partial(file_name), Path(self.folder) / file_name)
             nbytes = sum(math.prod(e.shape) for e in entries) * self.dtype.itemsize
             self._written.append((file_name, [e.name for e in entries], nbytes))

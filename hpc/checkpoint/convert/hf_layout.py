@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from hpc.config.schema import ModelConfig
-from hpc.train.model import Transformer
+from hpc.train.model import parameter_shapes
 
 _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight"}
@@ -48,10 +48,8 @@ def hf_name(fqn: str) -> str:
 
 
 def model_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter's shape, in the model's parameter order (built on the meta device: no memory)."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    return {name: tuple(param.shape) for name, param in model.named_parameters()}
+    """Every parameter's shape, in the model's parameter order (no memory, no weights drawn)."""
+    return parameter_shapes(cfg)
 
 
 def rotary_heads(fqn: str, cfg: ModelConfig) -> int:

@@ -26,6 +26,21 @@ MODEL, OPTIM = "model", "optim"
 ADAM_STATES = ("exp_avg", "exp_avg_sq", "step")
 
 
+def adamw_group_defaults() -> dict[str, Any]:
+    """Every hyperparameter torch's AdamW keeps in a param group, with build_optimizer's foreach=True:
+    a load asks for each one, and a source from another engine may lack some. Read off the
+    constructors' signatures (AdamW is Adam with decoupled weight decay), because building an
+    optimizer imports torch._dynamo, seconds of start-up for a converter (a test compares the two)."""
+    import inspect
+
+    defaults: dict[str, Any] = {}
+    for cls in (torch.optim.Adam, torch.optim.AdamW):
+        defaults.update({name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                         if name not in ("self", "params") and p.default is not inspect.Parameter.empty})
+    defaults.update(decoupled_weight_decay=True, foreach=True)
+    return defaults
+
+
 def model_key(fqn: str) -> str:
     return f"{MODEL}/{fqn}"
 

@@ -16,21 +16,25 @@ piece, as they arrive. The file is the zip layout torch.save writes (stored entr
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import struct
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from hpc.checkpoint.convert.outfile import OutputFile
 
 ALIGNMENT = 64
 """Where each data record starts (a multiple of this), as torch.save aligns them: mmap needs it."""
 ZIP64_LIMIT = 0xFFFFFFFF
 """Sizes and offsets from here on need zip64 fields (a test lowers it to exercise them small)."""
 _ZERO_CHUNK = 1 << 24
+_CRC_BACKLOG = 4
+"""Pieces written but not yet in the CRC (their memory is held until they are)."""
 
 
 class Slot:
@@ -74,11 +78,15 @@ class TorchFileWriter:
     def __init__(self, path: Path | str, obj: Any) -> None:
         self.path = Path(path)
         self.prefix = "archive/"
-        self.file = open(self.path, "wb")
+        self.file = OutputFile(self.path)
         self.entries: list[tuple[str, int, int, int, bool]] = []  # name, offset, size, crc, zip64
         self.slots: list[Slot] = []
         self.open_entry: tuple[str, int, int, int, Slot] | None = None  # name, hdr offset, data offset, crc
         self.crc = 0
+        # The CRC-32 of each slot is computed beside the writes, in order, in a thread of its own
+        # (zlib releases the GIL): on one core it costs as much as the copy into the file.
+        self._crc_pool = ThreadPoolExecutor(1, thread_name_prefix="hpc-torchfile-crc")
+        self._crc_pending: deque[Future] = deque()
         self.inline_keys: dict[int, str] = {}
         inline: list[tuple[str, torch.Tensor]] = []
         buffer = io.BytesIO()
@@ -153,13 +161,23 @@ class TorchFileWriter:
         if slot.written + len(raw) > slot.nbytes:
             raise ValueError(f"slot data/{slot.key} overflows: {slot.written + len(raw)} > {slot.nbytes} bytes")
         self.file.write(raw)
-        self.crc = zlib.crc32(raw, self.crc)
+        self._crc_pending.append(self._crc_pool.submit(self._crc_update, raw))
+        while len(self._crc_pending) > _CRC_BACKLOG:  # bounded: each holds its piece's memory
+            self._crc_pending.popleft().result()
         slot.written += len(raw)
+
+    def _crc_update(self, raw: memoryview) -> None:
+        self.crc = zlib.crc32(raw, self.crc)
+
+    def _crc_wait(self) -> None:
+        while self._crc_pending:
+            self._crc_pending.popleft().result()
 
     def _close_entry(self) -> None:
         if self.open_entry is None:
             return
         name, header, _, _, slot = self.open_entry
+        self._crc_wait()
         if slot.written != slot.nbytes:
             raise ValueError(f"slot data/{slot.key} got {slot.written} of {slot.nbytes} bytes")
         end = self.file.tell()
@@ -200,15 +218,14 @@ class TorchFileWriter:
             self.file.write(struct.pack("<IIQI", 0x07064B50, 0, end, 1))
             count, directory = min(count, 0xFFFF), min(directory, 0xFFFFFFFF)
         self.file.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, length, directory, 0))
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        self.file.close()  # durable
+        self._crc_pool.shutdown()
 
     def abort(self) -> None:
         """Close without finishing (the partial file is removed)."""
-        if not self.file.closed:
-            self.file.close()
-        self.path.unlink(missing_ok=True)
+        self._crc_pool.shutdown(wait=True, cancel_futures=True)
+        self._crc_pending.clear()
+        self.file.discard()
 
     def __enter__(self) -> TorchFileWriter:
         return self

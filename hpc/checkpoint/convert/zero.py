@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from hpc.checkpoint.convert.neutral import (ADAM_STATES, MODEL, StepState, TensorInfo, model_key, optim_key,
-                                            split_key)
+from hpc.checkpoint.convert.neutral import (ADAM_STATES, MODEL, StepState, TensorInfo, adamw_group_defaults,
+                                            model_key, optim_key, split_key)
 from hpc.checkpoint.convert.torchfile import Slot, TorchFileWriter
 from hpc.checkpoint.convert.zero_layout import (MODEL_STATES, Layout, alignment_padding, layout_3, layout_12,
                                                 model_dtype, model_states_name, optim_states_name, round_robin,
@@ -52,20 +52,28 @@ _SLOTS = ("fp32", "exp_avg", "exp_avg_sq", "step")
 
 # ---- reading --------------------------------------------------------------------------------------
 
-def _safe_globals() -> list[Any]:
-    """The DeepSpeed classes its checkpoints pickle, allowed for weights_only loading (nothing else
-    is: a checkpoint is data, not code)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+class _Stored:
+    """Stands in, when reading, for an object DeepSpeed pickles into its checkpoints (a loss scaler,
+    a fragment address): its fields are kept, its code is not needed."""
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+class _ZeroStage(int):
+    """Stands in for DeepSpeed's ZeroStageEnum (an int enum) when reading."""
+
+
+_STAND_INS = [(_Stored, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
+              (_Stored, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),
+              (_ZeroStage, "deepspeed.runtime.zero.config.ZeroStageEnum"),
+              (_Stored, "deepspeed.utils.tensor_fragment.fragment_address")]
+"""The DeepSpeed classes its checkpoints pickle, allowed for weights_only loading under their own
+names (nothing else is: a checkpoint is data, not code). Reading thus needs no DeepSpeed import,
+about a second of start-up; writing pickles the real classes."""
 
 
 def load_file(path: Path) -> Any:
     """One DeepSpeed file, memory-mapped; a missing, truncated or corrupt file names itself."""
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        with torch.serialization.safe_globals(_STAND_INS):
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing from the DeepSpeed checkpoint") from None
@@ -198,7 +206,7 @@ class ZeroReader:
 def _adamw_defaults(state: StepState) -> dict[str, Any]:
     """AdamW's hyperparameters for a source that kept none (e.g. weights imported from Hugging Face):
     torch's defaults with the step's config's lr, betas and weight decay."""
-    defaults = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], foreach=True).defaults
+    defaults = adamw_group_defaults()
     if state.config_yaml:
         import yaml
 
@@ -314,9 +322,9 @@ class ZeroWriter:
 
 
 def _version() -> str:
-    import deepspeed
+    from importlib.metadata import version
 
-    return deepspeed.__version__
+    return version("deepspeed")
 
 
 def _model_states(plan: _Plan, module: Any) -> dict[str, Any]:
