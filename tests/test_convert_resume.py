@@ -34,8 +34,7 @@ FULL = [(s, s, w, "tool") for s in SOURCES for w in (1, 3)] + \
        [(s, t, 2, "tool" if i % 2 else "auto") for i, (s, t) in
         enumerate((s, t) for s in SOURCES for t in SOURCES if t != s)]
 COVERING = [
-    ("ddp", "ddp", 1, "native"),              # DCP reshards on load: nothing to convert
-    ("fsdp_full_shard", "fsdp_full_shard", 3, "native"),
+    ("fsdp_full_shard", "fsdp_full_shard", 3, "native"),  # DCP reshards on load: nothing to convert
     ("fsdp_full_shard", "zero3", 2, "tool"),  # DCP -> ZeRO-3
     ("zero2", "zero2", 1, "tool"),            # a ZeRO step at another world size
     ("zero2", "ddp", 2, "auto"),              # ZeRO -> DCP, by the job

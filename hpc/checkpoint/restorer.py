@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from hpc.checkpoint.collectives import Collectives
-from hpc.checkpoint.convert.pipeline import ReaderSpec, open_reader, open_writer, run_part, write_extras
+from hpc.checkpoint.convert.pipeline import (ReaderSpec, converted_manifest, open_reader, open_writer, run_part,
+                                             write_extras)
 from hpc.checkpoint.convert.resume import conversion_reason, converted_folder
 from hpc.checkpoint.convert.steps import Target, state_of, target_for_job
 from hpc.checkpoint.formats import RNG_DIR, StateFormat, load_rng
@@ -39,7 +40,7 @@ from hpc.checkpoint.space import check_space
 from hpc.checkpoint.storage import Storage, open_storage
 from hpc.checkpoint.transfer import ChecksumMismatch, stage_view, upload_step, verify_checksums
 from hpc.config import Config
-from hpc.config.diff import changed_keys, config_hash
+from hpc.config.diff import changed_keys
 from hpc.train.data import GlobalBatches
 from hpc.train.rng import seed_rank_streams
 from hpc.train.strategies import Engine, World
@@ -317,11 +318,8 @@ class Restorer:
             outcome = next((e for _, e in uploads if e), None)
             if outcome is None:
                 files = {entry.name: entry for node_entries, _ in uploads for entry in node_entries}
-                copy = Manifest(step=candidate.step, world_size=target.world_size, strategy=target.strategy.name,
-                                format=target.format, config_hash=config_hash(self.config_yaml), data=state.data,
-                                files=sorted(files.values(), key=lambda e: e.name),
-                                zero_stage=target.strategy.zero_stage, saved_at=time.time(),
-                                save_seconds={"convert": round(time.perf_counter() - started, 3)})
+                copy = converted_manifest(candidate.step, target, state, self.config_yaml, list(files.values()),
+                                          {"convert": round(time.perf_counter() - started, 3)})
                 storage.write_atomic(f"{folder}/{MANIFEST}", copy.to_json())
                 outcome = Candidate(candidate.step, copy)
                 log.info("converted step %d for %s in %.2f s: %d MB of model and optimizer state, %d files, "

@@ -8,6 +8,7 @@ Files are named by their path relative to the storage root (`step-40/__0_0.distc
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import zlib
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 CHUNK = 1 << 20  # stays in a core's L2 cache while the hash and write() both read it
+MAPPED_CHUNK = 16 << 20  # a mapped file is hashed in pieces, so other threads get the GIL between them
 KERNEL_CHUNK = 16 << 20  # per copy_file_range/sendfile call: few calls, and on_bytes still fires partway
 ALGORITHM = "xxh3"
 """New checksums: xxh3-64, ~9 GB/s on one core here (hardware crc32c ~5.4, zlib crc32 ~2.9) and twice
@@ -87,8 +89,23 @@ def copy_stream(src: IO[bytes], dst: IO[bytes] | None, on_bytes: Any = None,
 
 
 def file_checksum(path: Path, algorithm: str = ALGORITHM) -> tuple[int, str]:
+    """(size, checksum) of a local file. The file is mapped and hashed where it lies in the page
+    cache, not read into a buffer first: half the CPU of read() + hash. (A file truncated by another
+    process while it is hashed would fault; committed steps and closed shards are not written to.)"""
     with open(path, "rb", buffering=0) as f:
-        return copy_stream(f, None, algorithm=algorithm)
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return copy_stream(f, None, algorithm=algorithm)
+        h = hasher(algorithm)
+        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+            mapped.madvise(mmap.MADV_SEQUENTIAL)
+            view = memoryview(mapped)
+            try:
+                for start in range(0, size, MAPPED_CHUNK):
+                    h.update(view[start:start + MAPPED_CHUNK])
+            finally:
+                view.release()
+        return size, checksum_text(algorithm, h)
 
 
 class ShortCopy(OSError):

@@ -269,12 +269,18 @@ def commit_step(folder: Path, storage: Storage, name: str, step: int, *, target:
         _fsync_tree(folder)
     else:
         entries = _upload(folder, storage, name, streams=streams)
-    manifest = Manifest(step=step, world_size=target.world_size, strategy=target.strategy.name,
-                        format=target.format, config_hash=config_hash(config_yaml), data=state.data,
-                        files=sorted(entries, key=lambda e: e.name), zero_stage=target.strategy.zero_stage,
-                        saved_at=time.time(), save_seconds=dict(seconds or {}))
+    manifest = converted_manifest(step, target, state, config_yaml, entries, seconds)
     storage.write_atomic(f"{name}/{MANIFEST}", manifest.to_json())
     return manifest
+
+
+def converted_manifest(step: int, target: Target, state: StepState, config_yaml: str, entries: list[FileEntry],
+                       seconds: dict[str, float] | None = None) -> Manifest:
+    """The manifest of a converted step (the command's output, or the copy a job makes on resume)."""
+    return Manifest(step=step, world_size=target.world_size, strategy=target.strategy.name, format=target.format,
+                    config_hash=config_hash(config_yaml), data=state.data,
+                    files=sorted(entries, key=lambda e: e.name), zero_stage=target.strategy.zero_stage,
+                    saved_at=time.time(), save_seconds=dict(seconds or {}))
 
 
 def _upload(folder: Path, storage: Storage, name: str, *, streams: int) -> list[FileEntry]:
