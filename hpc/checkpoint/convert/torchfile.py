@@ -59,6 +59,20 @@ class Slot:
                 (_StorageRef(self), 0, self.shape, tuple(reversed(stride)), False, OrderedDict()))
 
 
+class _Pickler(pickle._Pickler):  # the pure-Python pickler: its save_global can be extended
+    """Pickles as torch.save does, and a class with a `__pickle_as__ = "module.Name"` attribute under
+    that name: a checkpoint can name another library's classes (DeepSpeed's) without importing it."""
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        path = obj.__dict__.get("__pickle_as__") if isinstance(obj, type) else None
+        if path is None:
+            super().save_global(obj, name)
+            return
+        module, _, qualname = path.rpartition(".")
+        self.write(pickle.GLOBAL + module.encode() + b"\n" + qualname.encode() + b"\n")
+        self.memoize(obj)
+
+
 class _StorageRef:
     def __init__(self, slot: Slot) -> None:
         self.slot = slot
@@ -90,7 +104,7 @@ class TorchFileWriter:
         self.inline_keys: dict[int, str] = {}
         inline: list[tuple[str, torch.Tensor]] = []
         buffer = io.BytesIO()
-        pickler = pickle.Pickler(buffer, protocol=2)
+        pickler = _Pickler(buffer, protocol=2)
         pickler.persistent_id = lambda o: self._persistent_id(o, inline)  # type: ignore[method-assign]
         pickler.dump(obj)
         self._entry("data.pkl", buffer.getvalue())
