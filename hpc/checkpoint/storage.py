@@ -103,6 +103,9 @@ def file_checksum(path: Path, algorithm: str = ALGORITHM) -> tuple[int, str]:
             try:
                 for start in range(0, size, MAPPED_CHUNK):
                     h.update(view[start:start + MAPPED_CHUNK])
+                    # Hashed pages leave this process (they stay in the page cache): a mapping's
+                    # touched pages count in its RSS, and the files may be larger than memory.
+                    mapped.madvise(mmap.MADV_DONTNEED, start, min(MAPPED_CHUNK, size - start))
             finally:
                 view.release()
         return size, checksum_text(algorithm, h)
