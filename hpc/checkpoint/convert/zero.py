@@ -38,6 +38,7 @@ import torch
 from hpc.checkpoint.convert.neutral import (ADAM_STATES, MODEL, StepState, TensorInfo, adamw_group_defaults,
                                             model_key, optim_key, split_key)
 from hpc.checkpoint.convert.torchfile import Slot, TorchFileWriter
+from hpc.checkpoint.convert.zero_pickles import STAND_INS, FragmentAddress, ZeroStage, loss_scaler
 from hpc.checkpoint.convert.zero_layout import (MODEL_STATES, Layout, alignment_padding, layout_3, layout_12,
                                                 model_dtype, model_states_name, optim_states_name, round_robin,
                                                 sub_groups_by_numel, sub_groups_by_size, uses_bf16_optimizer)
@@ -52,46 +53,10 @@ _SLOTS = ("fp32", "exp_avg", "exp_avg_sq", "step")
 
 # ---- reading --------------------------------------------------------------------------------------
 
-class _Stored:
-    """Stands in for an object DeepSpeed pickles into its checkpoints (a loss scaler, a fragment
-    address): its fields and nothing else. Read under DeepSpeed's name, and written under it
-    (`__pickle_as__`, see torchfile), so DeepSpeed unpickles its own class with these fields."""
-
-    def __init__(self, **fields: Any) -> None:
-        self.__dict__.update(fields)
-
-
-class _LossScaler(_Stored):
-    __pickle_as__ = "deepspeed.runtime.fp16.loss_scaler.LossScaler"
-
-
-class _DynamicLossScaler(_Stored):
-    __pickle_as__ = "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"
-
-
-class _FragmentAddress(_Stored):
-    __pickle_as__ = "deepspeed.utils.tensor_fragment.fragment_address"
-
-
-class _ZeroStage(int):
-    """Stands in for DeepSpeed's ZeroStageEnum, an int enum, pickled as the enum pickles itself."""
-
-    __pickle_as__ = "deepspeed.runtime.zero.config.ZeroStageEnum"
-
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        return type(self), (int(self),)
-
-
-_STAND_INS = [(c, c.__pickle_as__) for c in (_LossScaler, _DynamicLossScaler, _FragmentAddress, _ZeroStage)]
-"""The DeepSpeed classes its checkpoints pickle, allowed for weights_only loading under their own
-names (nothing else is: a checkpoint is data, not code). Neither reading nor writing imports
-DeepSpeed, about a second of a converter's start-up."""
-
-
 def load_file(path: Path) -> Any:
     """One DeepSpeed file, memory-mapped; a missing, truncated or corrupt file names itself."""
     try:
-        with torch.serialization.safe_globals(_STAND_INS):
+        with torch.serialization.safe_globals(STAND_INS):
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing from the DeepSpeed checkpoint") from None
@@ -356,11 +321,6 @@ def _model_states(plan: _Plan, module: Any) -> dict[str, Any]:
             "ds_config": plan.ds_config, "ds_version": _version()}
 
 
-def _loss_scaler() -> _LossScaler:
-    """What DeepSpeed's LossScaler(1.0) holds (a static scale of 1: bf16 and fp32 need none)."""
-    return _LossScaler(cur_scale=1.0, dynamic=False)
-
-
 class _RankFile:
     """One rank's optimizer-states file: its slots filled strictly in order, gaps with zeros."""
 
@@ -379,11 +339,11 @@ class _RankFile:
         fp32 = [self.slots["fp32", f] for f in flats]
         world = layout.world
         if plan.stage == 3:
-            osd: dict[str, Any] = {"zero_stage": _ZeroStage(3), "loss_scaler": _loss_scaler(),
+            osd: dict[str, Any] = {"zero_stage": ZeroStage(3), "loss_scaler": loss_scaler(),
                                    "dynamic_loss_scale": False, "overflow": False, "partition_count": world,
                                    "optimizer_state_dict": base, "fp32_flat_groups": fp32}
         else:
-            mappings = [OrderedDict((fqn, _FragmentAddress(numel=p.count, start=p.offset))
+            mappings = [OrderedDict((fqn, FragmentAddress(numel=p.count, start=p.offset))
                                     for fqn in group for p in layout.pieces[fqn] if p.rank == rank)
                         for group in layout.groups]
             clip = float(plan.ds_config.get("gradient_clipping", 0.0))
@@ -395,9 +355,9 @@ class _RankFile:
             else:
                 paddings = [layout.flat_numel[f] - min(max(layout.used[f] - rank * layout.flat_numel[f], 0),
                                                        layout.flat_numel[f]) for f in flats]
-                osd = {"loss_scaler": _loss_scaler(), "dynamic_loss_scale": False, "overflow": False,
+                osd = {"loss_scaler": loss_scaler(), "dynamic_loss_scale": False, "overflow": False,
                        "clip_grad": clip, "base_optimizer_state": base, "single_partition_of_fp32_groups": fp32,
-                       "zero_stage": _ZeroStage(plan.stage), "group_paddings": paddings,
+                       "zero_stage": ZeroStage(plan.stage), "group_paddings": paddings,
                        "param_alignment_paddings": layout.param_padding, "partition_count": [world] * len(flats),
                        "ds_version": _version(), "param_slice_mappings": mappings}
         self.name = optim_states_name(rank, plan.bf16_files)
