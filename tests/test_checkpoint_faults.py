@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,11 +18,24 @@ EVERY_5 = ["train.max_steps=20", "checkpoint.every_steps=5"]
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory: pytest.TempPathFactory) -> list[float]:
-    """Per-step losses of the same run, never interrupted."""
+def straight_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run folder of the same run, never interrupted (committed steps 10, 15 and 20); tests that
+    need a finished run start from a copy of it."""
     root = tmp_path_factory.mktemp("straight")
     ok(submit(root, "run", *EVERY_5))
-    return [r["loss"] for r in metrics(root / "run")]
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def straight(straight_run: Path) -> list[float]:
+    """Per-step losses of the same run, never interrupted."""
+    return [r["loss"] for r in metrics(straight_run)]
+
+
+def _finished_run(straight_run: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    return run
 
 
 @pytest.mark.parametrize("point,rank", [("shard_write", 1), ("upload", 0), ("manifest_write", 0)])
@@ -59,8 +73,9 @@ def _largest_shard(step_dir: Path) -> Path:
     return max(step_dir.glob("*.distcp"), key=lambda p: p.stat().st_size)
 
 
-def test_corrupt_and_truncated_shards_fall_back_to_an_older_step(tmp_path: Path, straight: list[float]) -> None:
-    ok(submit(tmp_path, "run", *EVERY_5))
+def test_corrupt_and_truncated_shards_fall_back_to_an_older_step(tmp_path: Path, straight_run: Path,
+                                                                  straight: list[float]) -> None:
+    _finished_run(straight_run, tmp_path)
     assert committed_steps(tmp_path / "run") == [10, 15, 20]
     ckpt = tmp_path / "run" / "checkpoints"
     corrupt = _largest_shard(ckpt / "step-20")
@@ -108,8 +123,8 @@ def test_too_little_space_is_an_error_before_training_starts(tmp_path: Path) -> 
 
 
 def test_resume_never_refuses_a_store_with_checkpoints_and_an_older_step_starts_a_new_line(
-        tmp_path: Path, straight: list[float]) -> None:
-    ok(submit(tmp_path, "run", *EVERY_5))
+        tmp_path: Path, straight_run: Path, straight: list[float]) -> None:
+    _finished_run(straight_run, tmp_path)
     before = {step: manifest(tmp_path / "run", step) for step in (10, 15, 20)}
     never = submit(tmp_path, "run", *EVERY_5, "checkpoint.resume=never")
     assert never.returncode != 0
