@@ -21,6 +21,7 @@ from test_login_node import CHECK, HEAVY
 
 from hpc.config import Config, ConfigError, compose
 from hpc.config.deepspeed import build_deepspeed_config, coerce
+from hpc.config.deepspeed_cache import CheckCache, cache_dir
 from hpc.config.deepspeed_check import (
     ALSO_READ,
     check_at_submit,
@@ -246,14 +247,18 @@ class FakeRun:
         return subprocess.CompletedProcess(argv, outcome[0], "", outcome[1])
 
 
+NO_CACHE = CheckCache(None)  # a fake answers the check alone, not the cache's probe
+
+
 def _check(fake: FakeRun, python: str = "/env/python") -> dict[str, Any] | None:
-    return check_at_submit(_tiny("strategy=zero2"), python, run=fake, timeout_s=5, fallback="/ours/python")
+    return check_at_submit(_tiny("strategy=zero2"), python, run=fake, timeout_s=5, fallback="/ours/python",
+                           cache=NO_CACHE)
 
 
 def test_check_runs_the_jobs_python_on_the_json() -> None:
     fake = FakeRun()
     cfg = _tiny("strategy=zero2")
-    ds = check_at_submit(cfg, "/opt/env/bin/python", run=fake)
+    ds = check_at_submit(cfg, "/opt/env/bin/python", run=fake, cache=NO_CACHE)
     assert ds == build_deepspeed_config(cfg)
     (argv, kwargs), = fake.calls
     assert argv == ["/opt/env/bin/python", "-m", "hpc.config.deepspeed_check"]
@@ -305,26 +310,60 @@ def test_a_jobs_python_that_cannot_run_here_is_replaced_by_ours() -> None:
     assert len(same.calls) == 1
 
 
-def test_check_for_real_with_this_python_and_its_time() -> None:
-    start = time.perf_counter()
-    assert check_at_submit(_tiny("strategy=zero3_offload", *PASS_THROUGH), sys.executable) is not None
-    took = time.perf_counter() - start
-    print(f"submit-time DeepSpeed check: {took:.2f} s")
-    with pytest.raises(ConfigError, match=r"^strategy.deepspeed.zero_optimization.overlap_com: .*"
-                                          r"did you mean 'overlap_comm'\?"):
-        check_at_submit(_tiny("strategy=zero2", "strategy.deepspeed.zero_optimization.overlap_com=1"),
-                        sys.executable)
+class CountingRun:
+    """subprocess.run, counting the checks it runs (the cache's probes run too, uncounted)."""
+
+    def __init__(self) -> None:
+        self.checks = 0
+
+    def __call__(self, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        self.checks += argv[-2:] == ["-m", "hpc.config.deepspeed_check"]
+        return subprocess.run(argv, **kwargs)
+
+
+def test_check_for_real_with_this_python_and_its_time(tmp_path: Path) -> None:
+    cache, run = CheckCache(tmp_path / "cache"), CountingRun()
+    took = []
+    for _ in range(2):  # the second submit of the same config finds the first one's verdict
+        start = time.perf_counter()
+        assert check_at_submit(_tiny("strategy=zero3_offload", *PASS_THROUGH), sys.executable, run=run,
+                               cache=cache) is not None
+        took.append(time.perf_counter() - start)
+    print(f"submit-time DeepSpeed check: {took[0]:.2f} s, the same config again: {took[1]:.2f} s")
+    assert run.checks == 1 and len(list((tmp_path / "cache").iterdir())) == 1
+    for _ in range(2):  # a failed check is never remembered: it fails every time
+        with pytest.raises(ConfigError, match=r"^strategy.deepspeed.zero_optimization.overlap_com: .*"
+                                              r"did you mean 'overlap_comm'\?"):
+            check_at_submit(_tiny("strategy=zero2", "strategy.deepspeed.zero_optimization.overlap_com=1"),
+                            sys.executable, run=run, cache=cache)
+    assert run.checks == 3 and len(list((tmp_path / "cache").iterdir())) == 1
 
 
 def test_check_says_so_when_the_jobs_python_has_no_deepspeed(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = CheckCache(tmp_path / "cache")
+    assert check_at_submit(_tiny("strategy=zero2"), sys.executable, cache=cache) is not None  # remembered
     shadow = tmp_path / "deepspeed"
     shadow.mkdir()
     (shadow / "__init__.py").write_text("raise ImportError('no deepspeed in this environment')\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # after ours: hpc is found, deepspeed is not
+    # Another DeepSpeed (here none) for the same JSON: the earlier verdict does not apply.
     with pytest.raises(ConfigError, match=r"cannot import deepspeed \(ImportError: no deepspeed in this "
                                           r"environment\); install deepspeed where the job runs"):
-        check_at_submit(_tiny("strategy=zero2"), sys.executable)
+        check_at_submit(_tiny("strategy=zero2"), sys.executable, cache=cache)
+
+
+def test_the_cache_folder_follows_the_environment_and_a_broken_one_only_misses(tmp_path: Path) -> None:
+    assert cache_dir({"HPC_CACHE_DIR": "/c"}) == Path("/c/deepspeed-check")
+    assert cache_dir({"HPC_CACHE_DIR": ""}) is None  # off
+    assert cache_dir({"XDG_CACHE_HOME": "/x"}) == Path("/x/hpc/deepspeed-check")
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    run = CountingRun()
+    for _ in range(2):  # nothing can be written there: checked both times, no error
+        assert check_at_submit(_tiny("strategy=zero2"), sys.executable, run=run,
+                               cache=CheckCache(blocked / "cache")) is not None
+    assert run.checks == 2
 
 
 def test_module_entry_reads_json_on_stdin() -> None:

@@ -131,9 +131,11 @@ def _preempted_while_training(env: dict[str, str], tmp_path: Path, name: str, fa
                               user_signal: bool) -> tuple[Run, float, dict]:
     """A `low` run preempted once it trains, left to save, requeue itself and complete: the run,
     when the preemptor was submitted, and the run's one `requeued` event."""
-    run = Run(env, tmp_path / name,
-              submit(env, *LOW, f"run.root={tmp_path}", f"run.name={name}", "--no-wait", faults=faults))
+    # The signal set first: `scontrol reconfigure` while slurmctld launches the batch script can
+    # fail the launch (NODE_FAIL, and SLURM requeues the job: a second `requeued` event).
     with _preemption_signal(env, user_signal=user_signal):
+        run = Run(env, tmp_path / name,
+                  submit(env, *LOW, f"run.root={tmp_path}", f"run.name={name}", "--no-wait", faults=faults))
         wait_for("the run to train", lambda: run.step() >= 4, 240, 0.2)
         preempted_at = _preempt(run, env)
         wait_for("the run to commit and requeue itself", lambda: run.events("requeued"), GRACE_TIME_S + 60)
@@ -195,11 +197,11 @@ def test_a_save_longer_than_the_grace_time_leaves_the_previous_checkpoint_to_res
     # minutes to commit, longer than any grace time this cluster gives (GraceTime + up to ~30 s).
     every = 10
     faults = f"slow@step_end:ms=300,{_slow_saves(120_000, [s for s in range(1, STEPS) if s % every])}"
-    run = Run(cluster_env, tmp_path / "long",
-              submit(cluster_env, *LOW, f"checkpoint.every_steps={every}", f"run.root={tmp_path}",
-                     "run.name=long", "--no-wait", faults=faults))
-    committed = run.dir / "checkpoints" / f"step-{every}" / "manifest.json"
-    with _preemption_signal(cluster_env, user_signal=False):
+    with _preemption_signal(cluster_env, user_signal=False):  # before the submit, as above
+        run = Run(cluster_env, tmp_path / "long",
+                  submit(cluster_env, *LOW, f"checkpoint.every_steps={every}", f"run.root={tmp_path}",
+                         "run.name=long", "--no-wait", faults=faults))
+        committed = run.dir / "checkpoints" / f"step-{every}" / "manifest.json"
         wait_for(f"step {every} to commit", committed.is_file, 240, 0.2)
         preempted_at = _preempt(run, cluster_env)
         wait_for("SLURM to requeue the run at the end of its grace time",

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hpc.config.deepspeed import PREFIX, build_deepspeed_config, key_name, lookup
+from hpc.config.deepspeed_cache import CheckCache, cache_dir
 from hpc.config.errors import ConfigError, did_you_mean
 from hpc.config.schema import Config
 
@@ -269,12 +270,14 @@ Runner = Callable[..., "subprocess.CompletedProcess[str]"]
 
 
 def check_at_submit(cfg: Config, python: str, *, timeout_s: float = CHECK_TIMEOUT_S,
-                    run: Runner = subprocess.run, fallback: str | None = None) -> dict[str, Any] | None:
+                    run: Runner = subprocess.run, fallback: str | None = None,
+                    cache: CheckCache | None = None) -> dict[str, Any] | None:
     """For strategy.name=deepspeed: the DeepSpeed JSON, checked by DeepSpeed in the job's python.
 
     `python` is the job's interpreter as a shell command (Plan.python). The parse runs in a
     subprocess, so this process never imports torch or deepspeed, and it uses the DeepSpeed the job
-    will use. A job's python that cannot run here at all (a path that exists only on the cluster,
+    will use. A check that passed once for this JSON and this DeepSpeed is not run again (`cache`,
+    by default the user's: deepspeed_cache.py). A job's python that cannot run here at all (a path that exists only on the cluster,
     or `python3` that only the job's venv gives hpc's packages) is replaced by `fallback` (default:
     the interpreter running this); one that runs but lacks deepspeed is an error, as the job would
     fail the same way. Returns None for other strategies; raises ConfigError naming the key.
@@ -283,14 +286,15 @@ def check_at_submit(cfg: Config, python: str, *, timeout_s: float = CHECK_TIMEOU
         return None
     ds = build_deepspeed_config(cfg)  # owned-key errors need no subprocess
     text = json.dumps(ds)
+    cache = cache if cache is not None else CheckCache(cache_dir())
     try:
-        _check(text, python, cfg.cluster.accelerator, timeout_s, run)
+        _check(text, python, cfg.cluster.accelerator, timeout_s, run, cache)
     except _CannotRun as job_err:
         ours = fallback if fallback is not None else shlex.quote(sys.executable)
         if shlex.split(ours) == shlex.split(python):
             raise ConfigError(f"{PREFIX}: cannot check the DeepSpeed config: {job_err}") from None
         try:
-            _check(text, ours, cfg.cluster.accelerator, timeout_s, run)
+            _check(text, ours, cfg.cluster.accelerator, timeout_s, run, cache)
         except _CannotRun as our_err:
             raise ConfigError(f"{PREFIX}: cannot check the DeepSpeed config: {job_err}; nor with "
                               f"{our_err}") from None
@@ -301,13 +305,17 @@ class _CannotRun(Exception):
     """The interpreter could not run the check here (not found, or hpc's imports fail)."""
 
 
-def _check(text: str, python: str, accelerator: str, timeout_s: float, run: Runner) -> None:
+def _check(text: str, python: str, accelerator: str, timeout_s: float, run: Runner, cache: CheckCache) -> None:
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ,
            "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p),
            # The job's accelerator, named: no probing of this machine's devices (aio.use_gds checks it).
            "DS_ACCELERATOR": accelerator}
-    argv = [*shlex.split(python), "-m", "hpc.config.deepspeed_check"]
+    interpreter = shlex.split(python)
+    key = cache.key(interpreter, text, accelerator, env, run, str(root))
+    if cache.passed(key):
+        return
+    argv = [*interpreter, "-m", "hpc.config.deepspeed_check"]
     try:
         proc = run(argv, input=text, capture_output=True, text=True, timeout=timeout_s,
                    cwd=str(root), env=env)
@@ -320,6 +328,7 @@ def _check(text: str, python: str, accelerator: str, timeout_s: float, run: Runn
     lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
     last = lines[-1] if lines else f"exit status {proc.returncode}, no message"
     if proc.returncode == 0:
+        cache.remember(key, {"python": python, "accelerator": accelerator, "config": json.loads(text)})
         return
     if proc.returncode == EXIT_INVALID:
         raise ConfigError(last)
