@@ -321,7 +321,7 @@ class CountingRun:
         return subprocess.run(argv, **kwargs)
 
 
-def test_check_for_real_with_this_python_and_its_time(tmp_path: Path) -> None:
+def test_check_for_real_with_this_python_and_its_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache, run = CheckCache(tmp_path / "cache"), CountingRun()
     took = []
     for _ in range(2):  # the second submit of the same config finds the first one's verdict
@@ -337,33 +337,52 @@ def test_check_for_real_with_this_python_and_its_time(tmp_path: Path) -> None:
             check_at_submit(_tiny("strategy=zero2", "strategy.deepspeed.zero_optimization.overlap_com=1"),
                             sys.executable, run=run, cache=cache)
     assert run.checks == 3 and len(list((tmp_path / "cache").iterdir())) == 1
+    # Another DeepSpeed for the same JSON (here one that cannot be imported): the verdict does not apply.
+    _shadow_deepspeed(tmp_path / "shadow", monkeypatch)
+    with pytest.raises(ConfigError, match="cannot import deepspeed"):
+        check_at_submit(_tiny("strategy=zero3_offload", *PASS_THROUGH), sys.executable, run=run, cache=cache)
+    assert run.checks == 4
+
+
+def _shadow_deepspeed(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (folder / "deepspeed").mkdir(parents=True)
+    (folder / "deepspeed" / "__init__.py").write_text("raise ImportError('no deepspeed in this environment')\n")
+    monkeypatch.setenv("PYTHONPATH", str(folder))  # after ours: hpc is found, deepspeed is not
 
 
 def test_check_says_so_when_the_jobs_python_has_no_deepspeed(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    cache = CheckCache(tmp_path / "cache")
-    assert check_at_submit(_tiny("strategy=zero2"), sys.executable, cache=cache) is not None  # remembered
-    shadow = tmp_path / "deepspeed"
-    shadow.mkdir()
-    (shadow / "__init__.py").write_text("raise ImportError('no deepspeed in this environment')\n")
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # after ours: hpc is found, deepspeed is not
-    # Another DeepSpeed (here none) for the same JSON: the earlier verdict does not apply.
+    _shadow_deepspeed(tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match=r"cannot import deepspeed \(ImportError: no deepspeed in this "
                                           r"environment\); install deepspeed where the job runs"):
-        check_at_submit(_tiny("strategy=zero2"), sys.executable, cache=cache)
+        check_at_submit(_tiny("strategy=zero2"), sys.executable, cache=CheckCache(tmp_path / "cache"))
+
+
+class ProbedRun(FakeRun):
+    """A fake whose python has DeepSpeed 9.9 (the cache's probe) and passes every check."""
+
+    def __call__(self, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        if argv[-2] == "-c":
+            return subprocess.CompletedProcess(argv, 0, '["/env/deepspeed/__init__.py", "9.9", 1]\n', "")
+        return super().__call__(argv, **kwargs)
 
 
 def test_the_cache_folder_follows_the_environment_and_a_broken_one_only_misses(tmp_path: Path) -> None:
     assert cache_dir({"HPC_CACHE_DIR": "/c"}) == Path("/c/deepspeed-check")
     assert cache_dir({"HPC_CACHE_DIR": ""}) is None  # off
     assert cache_dir({"XDG_CACHE_HOME": "/x"}) == Path("/x/hpc/deepspeed-check")
+    good = ProbedRun()
+    for _ in range(2):
+        assert check_at_submit(_tiny("strategy=zero2"), "/env/python", run=good,
+                               cache=CheckCache(tmp_path / "cache")) is not None
+    assert len(good.calls) == 1  # checked once, found the second time
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
-    run = CountingRun()
+    broken = ProbedRun()
     for _ in range(2):  # nothing can be written there: checked both times, no error
-        assert check_at_submit(_tiny("strategy=zero2"), sys.executable, run=run,
+        assert check_at_submit(_tiny("strategy=zero2"), "/env/python", run=broken,
                                cache=CheckCache(blocked / "cache")) is not None
-    assert run.checks == 2
+    assert len(broken.calls) == 2
 
 
 def test_module_entry_reads_json_on_stdin() -> None:
