@@ -21,14 +21,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from checkpoint_jobs import ROOT, metrics, ok, rank0_log, submit
+from checkpoint_jobs import GLOBAL_BATCH, ROOT, metrics, ok, rank0_log, submit
 
 pytestmark = pytest.mark.dist
 
 SOURCES = ("ddp", "fsdp_full_shard", "zero1", "zero2", "zero3")
-GLOBAL_BATCH = 12  # divides over 1, 2, 3 and 4 ranks: the data order is the same at every size
 RUN = ("train.max_steps=20", "checkpoint.every_steps=10")
 
 DCP = {"ddp", "fsdp_full_shard"}  # one family: DCP loads either's step into the other as saved
@@ -50,14 +50,10 @@ def _mbs(world: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory: pytest.TempPathFactory, torch_extensions_dir: Path) -> dict[str, Path]:
-    """One uninterrupted 20-step run per source strategy used, saving step 10 on the way."""
-    root = tmp_path_factory.mktemp("references")
-    runs = {}
-    for strategy in sorted({cell[0] for cell in CELLS}):
-        ok(submit(root, strategy, *RUN, f"strategy={strategy}", _mbs(2), extensions=torch_extensions_dir))
-        runs[strategy] = root / strategy
-    return runs
+def references(uninterrupted_run: Any) -> dict[str, Path]:
+    """One uninterrupted 20-step run per source strategy used, saving step 10 on the way (shared
+    with test_checkpoint_resume.py)."""
+    return {strategy: uninterrupted_run(strategy) for strategy in sorted({cell[0] for cell in CELLS})}
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:

@@ -21,6 +21,9 @@ if [ "$(id -u)" = 0 ]; then
 else
     bash tools/bootstrap.sh
 fi
+# Bytecode for our own modules, written once: with PYTHONDONTWRITEBYTECODE set (as on some
+# machines) every one of the suite's hundreds of rank processes would compile them again.
+.venv/bin/python -m compileall -q hpc tests tools > /dev/null || true
 # Two pytest processes side by side: the SLURM tests (-m slurm: mostly waiting on time limits, grace
 # times and slowed steps; one after another, they fill the cluster's 4 nodes) and the rest. The rest
 # run at the lowest priority, in a session of their own whose autogroup is niced to 19 (with the
