@@ -16,8 +16,10 @@ from hpc.checkpoint.convert.neutral import StepState, TensorInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 12  # divides over 1, 2, 3 and 4 ranks: the data order is the same at every size
-REFERENCE_RUN = ("train.max_steps=20", "checkpoint.every_steps=10", f"train.micro_batch_size={GLOBAL_BATCH // 2}")
-"""The uninterrupted run (conftest.uninterrupted_run) at 2 ranks; a run compared against it keeps these."""
+RUN_20_STEPS = ("train.max_steps=20", "checkpoint.every_steps=10")
+REFERENCE_RUN = (*RUN_20_STEPS, f"train.micro_batch_size={GLOBAL_BATCH // 2}")
+"""The uninterrupted run (conftest.uninterrupted_run) at 2 ranks; a run compared against it keeps these
+(at another world size: RUN_20_STEPS and GLOBAL_BATCH // world sequences per rank)."""
 
 
 def submit(root: Path, name: str, *overrides: str, faults: str | None = None,

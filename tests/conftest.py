@@ -42,4 +42,3 @@ def uninterrupted_run(tmp_path_factory: pytest.TempPathFactory, torch_extensions
         return done[strategy]
 
     return get
-

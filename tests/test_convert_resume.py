@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from checkpoint_jobs import GLOBAL_BATCH, ROOT, metrics, ok, rank0_log, submit
+from checkpoint_jobs import GLOBAL_BATCH, ROOT, RUN_20_STEPS, metrics, ok, rank0_log, submit
 
 pytestmark = pytest.mark.dist
 
 SOURCES = ("ddp", "fsdp_full_shard", "zero1", "zero2", "zero3")
-RUN = ("train.max_steps=20", "checkpoint.every_steps=10")
+RUN = RUN_20_STEPS  # as the uninterrupted runs
 
 DCP = {"ddp", "fsdp_full_shard"}  # one family: DCP loads either's step into the other as saved
 FULL = [(s, s, w, "tool") for s in SOURCES for w in (1, 3)] + \

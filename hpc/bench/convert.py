@@ -354,7 +354,7 @@ def summarise(ops: list[Op], samples: dict[str, list[Sample]], sources: dict[str
         row["x_copy"] = row["gb_per_s"] / copy["gb_per_s"] if row["gb_per_s"] and copy and copy["gb_per_s"] else None
         # The same without our start-up (interpreter, torch import): the conversion's own throughput.
         row["x_copy_in_tool"] = row["gb_per_s_in_tool"] / copy["gb_per_s"] \
-            if row.get("gb_per_s_in_tool") and copy and copy["gb_per_s"] else None
+            if row["gb_per_s_in_tool"] and copy and copy["gb_per_s"] else None
         if row["kind"] in ("reshard", "export"):
             row["goals"].append(_goal("x copy", row["x_copy"], ">=", 0.7))
             if row["largest_tensor_gb"] is not None:
@@ -385,7 +385,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         goals = "; ".join(f"{g['goal']} {num(g['value'])} {g['op']} {g['bound']:g}" for g in r["goals"])
         met = {True: "yes", False: "NO", None: "-"}[r["met"]] if r["ok"] else "FAILED"
         body.append((r["operation"], num(r["bytes"] / GB, 3), num(r["seconds"], 1), num(r["seconds_in_tool"], 1),
-                     num(r["gb_per_s"], 3), num(r["x_copy"]), num(r.get("x_copy_in_tool")), num(r["peak_rss_gb"]),
+                     num(r["gb_per_s"], 3), num(r["x_copy"]), num(r["x_copy_in_tool"]), num(r["peak_rss_gb"]),
                      num(r["peak_disk_gb"]),
                      num(r["largest_tensor_gb"], 3), num(r["checkpoint_gb"], 3), goals, met))
     widths = [max(len(str(line[i])) for line in (head, *body)) for i in range(len(head))]

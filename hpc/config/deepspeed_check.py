@@ -277,10 +277,10 @@ def check_at_submit(cfg: Config, python: str, *, timeout_s: float = CHECK_TIMEOU
     `python` is the job's interpreter as a shell command (Plan.python). The parse runs in a
     subprocess, so this process never imports torch or deepspeed, and it uses the DeepSpeed the job
     will use. A check that passed once for this JSON and this DeepSpeed is not run again (`cache`,
-    by default the user's: deepspeed_cache.py). A job's python that cannot run here at all (a path that exists only on the cluster,
-    or `python3` that only the job's venv gives hpc's packages) is replaced by `fallback` (default:
-    the interpreter running this); one that runs but lacks deepspeed is an error, as the job would
-    fail the same way. Returns None for other strategies; raises ConfigError naming the key.
+    by default the user's: deepspeed_cache.py). A job's python that cannot run here at all (a path
+    that exists only on the cluster, or `python3` that only the job's venv gives hpc's packages) is
+    replaced by `fallback` (default: the interpreter running this); one that runs but lacks
+    deepspeed is an error, as the job would fail the same way. Returns None for other strategies; raises ConfigError naming the key.
     """
     if cfg.strategy.name != "deepspeed":
         return None
