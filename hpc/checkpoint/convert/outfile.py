@@ -12,7 +12,6 @@ it is a plain buffered file with the same fsync at close.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,9 @@ def _sync_file_range() -> Any:
     if not hasattr(os, "sched_getaffinity"):  # not Linux
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.sync_file_range
+        # The interpreter's own symbols (libc among them): ctypes.util.find_library would run
+        # ldconfig and a compiler to find libc, 0.8 s of every conversion's start-up.
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]

@@ -161,12 +161,25 @@ class Progress:
             self.bar.close()
 
 
+def _worker_context() -> Any:
+    """Where worker processes come from: a fork server that imported this module (and so torch)
+    once. Each worker is a fork of it: no 2-3 s torch import per worker, and torch's memory is
+    shared among them rather than held once per worker. Never a fork of this process, whose
+    torch thread pools may be in use (a fork copies them broken); spawn where there is no fork
+    server (not POSIX)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
 def run_parts(spec: ReaderSpec, writer: Writer, *, workers: int, total: int, what: str) -> list[Any]:
     """Every part of the writer, in `workers` processes (in this one when 1), then writer.finish."""
     global _counter
     parts = writer.parts(max(1, workers))
     progress = Progress(total, what)
-    ctx = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools mid-use
+    ctx = _worker_context()
     counter = ctx.Value("q", 0)
     try:
         if len(parts) == 1:

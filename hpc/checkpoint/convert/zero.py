@@ -45,7 +45,7 @@ from hpc.checkpoint.convert.zero_layout import (MODEL_STATES, Layout, alignment_
 from hpc.checkpoint.manifest import CheckpointError
 
 _OPTIM_FILE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
-_READ_BUDGET = 256 << 20
+_READ_BUDGET = 128 << 20
 """Bytes of mapped file pages read before the open files are dropped: touched pages of a mapping
 count in the reader's RSS until it is unmapped, and a whole checkpoint may not fit in memory."""
 _SLOTS = ("fp32", "exp_avg", "exp_avg_sq", "step")
