@@ -113,6 +113,9 @@ def test_bad_inputs_are_one_line_errors_and_commit_nothing(capsys, hf_dir: Path,
     shard.write_bytes(bytes(data))
     line = _one_line_error(capsys, "reshard", str(corrupt), str(out), "--world", "2")
     assert "does not verify against its manifest" in line and shard.name in line
+    line = _one_line_error(capsys, "export", str(corrupt), str(tmp_path / "hf-out"), "--dtype", "fp32")
+    assert "does not verify against its manifest" in line and shard.name in line
+    assert not (tmp_path / "hf-out").exists()
     # A world size the target strategy cannot take.
     line = _one_line_error(capsys, "reshard", str(imported), str(out), "--world", "3", "--strategy",
                            "fsdp_hybrid_shard")

@@ -163,7 +163,7 @@ def _export(args: argparse.Namespace) -> int:
 
     from hpc.checkpoint.convert.hf import export_hf
     from hpc.checkpoint.convert.pipeline import open_reader
-    from hpc.checkpoint.convert.steps import open_source
+    from hpc.checkpoint.convert.steps import open_source, verify_source_async
     from hpc.checkpoint.manifest import CheckpointError
     from hpc.config.compose import from_yaml
 
@@ -173,15 +173,23 @@ def _export(args: argparse.Namespace) -> int:
             raise CheckpointError(f"{out} already exists. HINT: pick another output, or pass --force to replace it")
         shutil.rmtree(out)
     started = time.perf_counter()
-    source = open_source(args.step, tmp_dir=args.tmp_dir)
+    # The source's checksums are checked while it is exported (an export reads a part of it: the
+    # model's weights); the export is removed unless they match.
+    source = open_source(args.step, tmp_dir=args.tmp_dir, verify=False)
+    checking = verify_source_async(source)
     try:
         if not source.state.config_yaml:
             raise CheckpointError(f"{args.step} has no config.yaml: the model's shape is unknown")
         model_cfg = from_yaml(source.state.config_yaml).model
         reader = open_reader(source.format, source.folder, source.state)
         try:
-            export_hf(reader, out, model_cfg, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32,
-                      max_shard_bytes=int(args.max_shard_gb * 1e9))
+            try:
+                export_hf(reader, out, model_cfg, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32,
+                          max_shard_bytes=int(args.max_shard_gb * 1e9))
+            except Exception:
+                _refuse_unverified(args.step, checking.result())  # a corrupt file is best named by its checksum
+                raise
+            _refuse_unverified(args.step, checking.result())
         except BaseException:
             shutil.rmtree(out, ignore_errors=True)  # a half-written folder must not look exported
             raise
@@ -203,6 +211,14 @@ def _export(args: argparse.Namespace) -> int:
         emit(f"  verified: model {stats.equal if stats else 0}/{stats.tensors if stats else 0} tensors equal "
               f"to the source{' rounded to bf16' if args.dtype == 'bf16' else ''}")
     return 0
+
+
+def _refuse_unverified(step: str, problem: str | None) -> None:
+    from hpc.checkpoint.manifest import CheckpointError
+
+    if problem:
+        raise CheckpointError(f"{step} does not verify against its manifest: {problem}. HINT: restore the file, "
+                              "or export an older committed step") from None
 
 
 def _import(args: argparse.Namespace) -> int:
