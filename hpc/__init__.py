@@ -8,6 +8,7 @@ stage and the stages above it in this table (tests/test_architecture.py holds th
                 run_folder     the run folder's layout: every file a run keeps, named once
                 faults         fault injection at named points of the real code (tests only)
     config      config/        typed schema, presets + CLI overrides, errors, DeepSpeed JSON
+    estimate    estimate/      the planner: per-GPU memory, communication, step time, the advisor
     submit      submit/        the plan (pure) -> --dry-run prints it; submission via submitit
     slurm       slurm.py       the one seam for sbatch/scontrol/squeue/sacct and SLURM's env
     launch      launch/        who am I (JobEnv), network, rendezvous, preflight, op builds
@@ -21,7 +22,7 @@ stage and the stages above it in this table (tests/test_architecture.py holds th
 Where one stage needs another through a narrow surface, the one that asks owns a small Protocol:
 the loop's `Checkpoints` (train/loop.py; the checkpoint stage satisfies it, without the loop
 importing it) and requeue's `CheckpointRecord` (requeue/saves.py). On the login node nothing
-reached by `python -m hpc.submit` imports torch or deepspeed.
+reached by `python -m hpc.submit` or `python -m hpc.estimate` imports torch or deepspeed.
 """
 
 __version__ = "0.1.0"

@@ -26,7 +26,8 @@ from hpc.checkpoint.manifest import (
     read_manifest,
 )
 from hpc.checkpoint.retention import clean_persistent, clean_scratch, steps_to_delete
-from hpc.checkpoint.space import STATE_BYTES_PER_PARAM, check_space, estimate_bytes
+from hpc.checkpoint.space import check_space
+from hpc.estimate.memory import STATE_BYTES_PER_PARAM, checkpoint_bytes as estimate_bytes
 from hpc.checkpoint.storage import (
     FileEntry,
     FsspecStorage,
@@ -48,7 +49,7 @@ from hpc.config import Config
 from hpc.config.compose import compose
 from hpc.config.diff import changed_keys
 from hpc.config.errors import ConfigError
-from hpc.train.model import count_params
+from hpc.estimate.shape import count_params
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("local", "fsspec")

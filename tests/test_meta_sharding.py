@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from hpc.config import compose
-from hpc.train.model import count_params
+from hpc.estimate.shape import count_params
 from hpc.train.strategies.base import build_meta_model
 from hpc.train.strategies.fsdp import mesh_shape, shard_model
 

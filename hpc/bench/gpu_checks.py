@@ -278,7 +278,7 @@ def check_parity(ctx: Context, timeout_s: float) -> Finding:
 
 def fitting_layers(model: Any, total_bytes: int) -> int:
     """How many of the model's layers a DDP replica with AdamW fits in `total_bytes` (an estimate)."""
-    from hpc.train.model import count_params
+    from hpc.estimate.shape import count_params
 
     one, two = (count_params(dataclasses.replace(model, n_layers=n)) for n in (1, 2))
     per_layer, fixed = two - one, 2 * one - two  # embeddings, output, final norm
@@ -322,7 +322,7 @@ def _memory_in_rank(spec: dict[str, Any]) -> dict[str, Any]:
     import torch.distributed as dist
 
     from hpc.train.loop import train
-    from hpc.train.model import count_params
+    from hpc.estimate.shape import count_params
     from hpc.train.strategies import build_engine
 
     cfg, world = join_local(spec["overrides"])

@@ -6,18 +6,8 @@ from pathlib import Path
 
 from hpc.checkpoint.storage import Storage, free_bytes_at
 from hpc.config import Config
-from hpc.train.model import count_params
-
-# Bytes per parameter in a checkpoint: fp32 weights (or fp32 master copy) + AdamW's two fp32 moments.
-STATE_BYTES_PER_PARAM = 12
-
-
-def estimate_bytes(cfg: Config) -> int:
-    """Size of one checkpoint, all ranks together."""
-    per_param = STATE_BYTES_PER_PARAM
-    if cfg.strategy.name == "deepspeed" and cfg.strategy.mixed_precision != "fp32":
-        per_param += 2  # DeepSpeed also saves the half-precision module weights
-    return count_params(cfg.model) * per_param + (1 << 20)
+# One estimate of a checkpoint's size for the planner (login node) and this check (in the job).
+from hpc.estimate.memory import checkpoint_bytes
 
 
 def _gb(n: float) -> str:
@@ -28,7 +18,7 @@ def check_space(cfg: Config, storage: Storage, scratch: Path, num_nodes: int, *,
                 rank: int) -> str | None:
     """A clear problem when scratch (checked by each node's first rank) or the persistent location
     (checked by rank 0) has too little room; None when both fit."""
-    one = estimate_bytes(cfg)
+    one = checkpoint_bytes(cfg)
     margin = cfg.checkpoint.space_margin
     if drainer:
         # A node holds its share of the step being written and of the newest committed one; from

@@ -84,7 +84,25 @@ class ClusterConfig:
     mem_per_gpu_gb: float | None = None
     """Default memory per rank; the job asks nodes' share of it with --mem."""
     peak_tflops: float = 1.0
-    """Peak dense TFLOP/s per GPU at the training precision (for MFU)."""
+    """Peak dense TFLOP/s per GPU at the training precision (for MFU and the planner's step time)."""
+    gpu_memory_gb: float | None = None
+    """Memory of one GPU in GB (80 for an H100 SXM), for the planner's fit check at submit. Unset on a
+    GPU preset: the check says it cannot tell and does not refuse. On a cpu preset (each rank is a
+    process on the host): unset means this machine's memory shared by the job's ranks, which is
+    right for `local` and the one-host test cluster."""
+    reserved_gb: float = 3.0
+    """Per-GPU memory the planner sets aside beyond tensors: the CUDA context and kernels (~0.6 GB),
+    NCCL's buffers (~0.5-1 GB with a few communicators) and the caching allocator's fragmentation.
+    On a cpu preset: a rank process's own footprint (interpreter, torch), ~0.5 GB."""
+    intra_node_gbps: float = 150.0
+    """Collective bandwidth between GPUs of one node, GB/s per GPU, as nccl-tests reports it
+    (busbw): ~360 for H100 NVLink 4, ~150 for A100 NVLink 3, ~20 over PCIe."""
+    inter_node_gbps: float = 25.0
+    """Collective bandwidth across nodes, GB/s per GPU (busbw): ~45 with one 400 Gb/s NIC per GPU,
+    ~22 with 200 Gb/s, ~10 on 100 Gb/s Ethernet shared by the node."""
+    host_link_gbps: float = 25.0
+    """GPU <-> host copy bandwidth, GB/s per GPU (PCIe Gen5 x16: ~50 peak, ~25 sustained): what
+    CPU offload moves every step."""
     scratch_dir: str = "/tmp/hpc-scratch/{user}/{job_id}"
     """Node-local scratch (NVMe) for checkpoints; {user}, {job_id} and {node} are filled per node."""
     modules: list[str] = field(default_factory=list)
@@ -105,6 +123,11 @@ class ClusterConfig:
         if self.max_nodes is not None:
             require_positive("cluster.max_nodes", self.max_nodes)
         require(self.peak_tflops > 0, f"cluster.peak_tflops={self.peak_tflops}: must be positive")
+        if self.gpu_memory_gb is not None:
+            require(self.gpu_memory_gb > 0, f"cluster.gpu_memory_gb={self.gpu_memory_gb}: must be positive (GB)")
+        require(self.reserved_gb >= 0, f"cluster.reserved_gb={self.reserved_gb}: must be >= 0 (GB)")
+        for key in ("intra_node_gbps", "inter_node_gbps", "host_link_gbps"):
+            require(getattr(self, key) > 0, f"cluster.{key}={getattr(self, key)}: must be positive (GB/s)")
         for key in ("scratch_dir", "venv"):
             require_single_line(f"cluster.{key}", getattr(self, key))
         for i, module in enumerate(self.modules):

@@ -324,6 +324,27 @@ def _is_number(text: str) -> bool:
     return True
 
 
+PLAN_CHECKS = ("refuse", "warn", "off")
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """The planner's check at submit (`python -m hpc.estimate` shows the whole plan)."""
+
+    check: str = "refuse"
+    """refuse: a job predicted not to fit in the cluster preset's GPU memory (host memory per rank on
+    a cpu preset) is refused before it is queued, with the numbers and changes that would fit |
+    warn: print that and submit anyway | off: no check."""
+    compute_efficiency: float = 0.5
+    """Fraction of cluster.peak_tflops a training step achieves, for the planner's step time (0.4-0.55
+    is typical of dense LLM training on H100s; measure yours with `python -m hpc.bench`)."""
+
+    def __post_init__(self) -> None:
+        require_choice("plan.check", self.check, PLAN_CHECKS)
+        require(0 < self.compute_efficiency <= 1,
+                f"plan.compute_efficiency={self.compute_efficiency}: a fraction of peak in (0, 1]")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Where a run's files go."""
@@ -357,6 +378,7 @@ class Config:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     requeue: RequeueConfig = field(default_factory=RequeueConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:

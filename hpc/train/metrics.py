@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from hpc.config import Config
-from hpc.train.model import flops_per_token
+from hpc.estimate.shape import flops_per_token
 
 
 def peak_memory_bytes(device: torch.device) -> int:

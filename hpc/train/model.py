@@ -200,19 +200,3 @@ def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         for name, fn in saved.items():
             setattr(nn.init, name, fn)
     return {name: tuple(param.shape) for name, param in model.named_parameters()}
-
-
-def count_params(cfg: ModelConfig) -> int:
-    """Parameter count from the shape alone (no tensors)."""
-    head_dim = cfg.dim // cfg.n_heads
-    attention = cfg.dim * head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
-    block = attention + 3 * cfg.dim * cfg.ffn_dim + 2 * cfg.dim
-    return cfg.n_layers * block + 2 * cfg.vocab_size * cfg.dim + cfg.dim
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per parameter (embedding lookup excluded) plus causal attention."""
-    dense = count_params(cfg) - cfg.vocab_size * cfg.dim
-    # QK^T and AV: 2 matmuls x 2 FLOPs x seq x dim per layer forward, x3 for training, /2 causal.
-    attention = 6 * cfg.n_layers * seq_len * cfg.dim
-    return 6 * dense + attention

@@ -18,7 +18,8 @@ from torch import nn
 
 from hpc.config import Config
 from hpc.launch.rendezvous import Rendezvous
-from hpc.train.model import Transformer, count_params, loss_fn
+from hpc.estimate.shape import count_params
+from hpc.train.model import Transformer, loss_fn
 
 # Above this many fp32 parameter bytes a model is built on the meta device and materialised only
 # after sharding; below it every rank builds the whole model from the seed (bit-identical starting
