@@ -203,15 +203,30 @@ def compose_strategies(
                                                        now=time.time)
     out: dict[str, Config | ConfigError] = {}
     for name in names:
-        try:
-            data = _deep_merge(_deep_merge(_load_yaml("strategy", name, root), exp_keys), cli_keys)
-            check_keys(data, StrategyConfig, "strategy.")
-            out[name] = dataclasses.replace(cfg, strategy=StrategyConfig(**data))
-        except ConfigError as err:
-            out[name] = err
-        except TypeError as err:  # a value of a type the dataclass does not take
-            out[name] = ConfigError(f"strategy={name}: {err}")
+        preset = _load_yaml("strategy", name, root)
+        out[name] = _with_strategy(cfg, name, _deep_merge(_deep_merge(preset, exp_keys), cli_keys))
+        if isinstance(out[name], ConfigError):
+            # Keys of another engine (an HSDP group size, an offload) do not carry over; what every
+            # engine has (precision, activation checkpointing) does.
+            shared = {k: v for layer in (exp_keys, cli_keys) for k, v in layer.items() if k in SHARED_STRATEGY_KEYS}
+            retry = _with_strategy(cfg, name, _deep_merge(preset, shared))
+            out[name] = retry if not isinstance(retry, ConfigError) else out[name]
     return cfg, chosen, out
+
+
+SHARED_STRATEGY_KEYS = ("mixed_precision", "activation_checkpointing", "ac_every_k")
+"""Strategy keys every engine has: compose_strategies carries them to another preset even when the
+experiment's other strategy keys do not apply there."""
+
+
+def _with_strategy(cfg: Config, name: str, data: dict[str, Any]) -> Config | ConfigError:
+    try:
+        check_keys(data, StrategyConfig, "strategy.")
+        return dataclasses.replace(cfg, strategy=StrategyConfig(**data))
+    except ConfigError as err:
+        return err
+    except TypeError as err:  # a value of a type the dataclass does not take
+        return ConfigError(f"strategy={name}: {err}")
 
 
 def _compose(overrides: Sequence[str], *, root: Path | None, which: Callable[[str], str | None],

@@ -71,8 +71,9 @@ def build_deepspeed_config(cfg: Config) -> dict[str, Any]:
     }
     if s.mixed_precision == "bf16":
         ds["bf16"] = {"enabled": True}
-        # Accumulate (and reduce) gradients in fp32 as DDP and FSDP do; DeepSpeed's default is
-        # the model dtype, which loses small gradients over many micro-batches.
+        # Accumulate gradients in fp32 as DDP and FSDP do; DeepSpeed's default is the model
+        # dtype, which loses small gradients over many micro-batches. (DeepSpeed still reduces
+        # them across ranks in bf16: its communication_data_type follows the model dtype.)
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
     elif s.mixed_precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,

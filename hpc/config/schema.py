@@ -340,6 +340,8 @@ class PlanConfig:
     is typical of dense LLM training on H100s; measure yours with `python -m hpc.bench`)."""
 
     def __post_init__(self) -> None:
+        if self.check in ("False", False):  # YAML reads a bare `off` as false
+            object.__setattr__(self, "check", "off")
         require_choice("plan.check", self.check, PLAN_CHECKS)
         require(0 < self.compute_efficiency <= 1,
                 f"plan.compute_efficiency={self.compute_efficiency}: a fraction of peak in (0, 1]")

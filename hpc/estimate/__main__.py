@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # options may come between the overrides
     try:
         cfg, chosen, variants = compose_strategies(args.overrides, STRATEGY_PRESETS)
     except ConfigError as err:

@@ -45,15 +45,18 @@ class Budget:
     bytes: int | None
     what: str
     """'80 GB per GPU (cluster slurm)', or why it is unknown."""
+    host_bytes: int | None = None
+    """Host memory a rank may fill with offloaded state (cluster.mem_per_gpu_gb), when known."""
 
 
 def budget(cfg: Config, *, host_bytes: int | None = None) -> Budget:
     cl = cfg.cluster
+    host = int(cl.mem_per_gpu_gb * GB) if cl.mem_per_gpu_gb is not None and cl.accelerator == "cuda" else None
     if cl.gpu_memory_gb is not None:
         unit = "GPU" if cl.accelerator == "cuda" else "rank"
-        return Budget(int(cl.gpu_memory_gb * GB), f"{cl.gpu_memory_gb:g} GB per {unit} (cluster {cl.name})")
+        return Budget(int(cl.gpu_memory_gb * GB), f"{cl.gpu_memory_gb:g} GB per {unit} (cluster {cl.name})", host)
     if cl.accelerator == "cuda":
-        return Budget(None, f"cluster {cl.name} does not state its GPU memory (cluster.gpu_memory_gb)")
+        return Budget(None, f"cluster {cl.name} does not state its GPU memory (cluster.gpu_memory_gb)", host)
     total = host_bytes if host_bytes is not None else host_memory()
     if total is None:
         return Budget(None, "this machine's memory is unknown")
@@ -101,8 +104,17 @@ def evaluate(preset: str, cfg: Config | ConfigError, limit: Budget) -> Option:
     if isinstance(cfg, ConfigError):
         return Option(preset, None, error=str(cfg))
     memory = estimate_memory(cfg)
-    fits = None if limit.bytes is None else memory.total <= limit.bytes
-    return Option(preset, cfg, memory=memory, traffic=traffic(cfg), fits=fits)
+    return Option(preset, cfg, memory=memory, traffic=traffic(cfg), fits=fits_in(memory, cfg, limit))
+
+
+def fits_in(memory: Memory, cfg: Config, limit: Budget) -> bool | None:
+    """On the GPU, and the offloaded state in the host memory a rank has (on a cpu cluster both
+    are the same memory)."""
+    if limit.bytes is None:
+        return None
+    if cfg.cluster.accelerator == "cpu":
+        return memory.total + memory.host <= limit.bytes
+    return memory.total <= limit.bytes and (limit.host_bytes is None or memory.host <= limit.host_bytes)
 
 
 @dataclass
@@ -159,7 +171,7 @@ def fixes(cfg: Config, chosen: str, limit: Budget, variants: dict[str, Config | 
     out: list[str] = []
 
     def fits(c: Config) -> bool:
-        return estimate_memory(c).total <= limit.bytes
+        return bool(fits_in(estimate_memory(c), c, limit))
 
     def need(c: Config) -> str:
         return _gb(estimate_memory(c).total)

@@ -3,7 +3,8 @@
 Volumes are the bytes each GPU sends in ring collectives (what NCCL's bus bandwidth is measured
 against): all-gather and reduce-scatter of M bytes over n ranks send (n-1)/n x M, an all-reduce
 twice that. With k micro-batches per step (train.grad_accum), P parameters, c bytes per element
-in the compute dtype (2 for bf16/fp16, 4 for fp32) and the gradients reduced in fp32 (4 bytes):
+in the compute dtype (2 for bf16/fp16, 4 for fp32), g bytes per gradient element as reduced (4:
+FSDP and DDP reduce in fp32; DeepSpeed in the compute dtype):
 
   ddp                 all-reduce 4P once per step (no_sync on the other micro-batches)
   fsdp full_shard     per micro-batch: all-gather cP in forward, c(P - root) again in backward (the
@@ -12,9 +13,9 @@ in the compute dtype (2 for bf16/fp16, 4 for fp32) and the gradients reduced in 
   fsdp hybrid_shard   full_shard's collectives within the shard group (a node by default), plus an
                       all-reduce of the 4P/S gradient shard across replicas once per step
   fsdp no_shard       all-reduce 4P once per step
-  zero1               all-reduce of the gradients once per step, all-gather cP of the new weights
-  zero2               reduce-scatter of the gradients every micro-batch, all-gather cP per step
-  zero3               per micro-batch: all-gather cP forward and backward, reduce-scatter
+  zero1               all-reduce gP of the gradients once per step, all-gather cP of the new weights
+  zero2               reduce-scatter gP every micro-batch, all-gather cP per step
+  zero3               per micro-batch: all-gather cP forward and backward, reduce-scatter gP
 
 A collective whose group spans nodes is counted as inter-node (a ring runs at its slowest link);
 one within a node as intra-node. Time: volumes over the cluster preset's bandwidths, compute over
@@ -60,10 +61,11 @@ class Traffic:
 
 
 def grad_reduce_bytes(cfg: Config) -> int:
-    """Bytes per gradient element in the reduction: fp32 (FSDP's reduce_dtype, DeepSpeed's fp32
-    gradient accumulation, DDP's fp32 gradients); fp16 runs reduce in fp16 under DeepSpeed."""
+    """Bytes per gradient element in the reduction: fp32 for FSDP (reduce_dtype) and DDP (fp32
+    gradients); DeepSpeed reduces in the compute dtype (its communication_data_type defaults to
+    bf16/fp16, the fp32 accumulation notwithstanding)."""
     s = cfg.strategy
-    return 2 if s.name == "deepspeed" and s.mixed_precision == "fp16" else 4
+    return 2 if s.name == "deepspeed" and s.mixed_precision != "fp32" else 4
 
 
 def traffic(cfg: Config) -> Traffic:

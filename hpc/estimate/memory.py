@@ -143,6 +143,8 @@ PERSISTENCE_THRESHOLD = 100_000
 """DeepSpeed's default stage3_param_persistence_threshold: ZeRO-3 keeps smaller tensors gathered."""
 PREFETCH_BUCKET = 50_000_000
 """DeepSpeed's default stage3_prefetch_bucket_size, in elements."""
+MAX_REUSE_DISTANCE = 1_000_000_000
+"""DeepSpeed's default stage3_max_reuse_distance, in elements."""
 
 
 def persistent_params(cfg: Config) -> int:
@@ -221,10 +223,18 @@ def buffers(cfg: Config) -> tuple[int, list[str]]:
     # DeepSpeed: gradient buckets of reduce_bucket_size elements whatever the model's size (two
     # during backward with overlap_comm; one, kept, in ZeRO-3), and ZeRO-3's gathered parameters.
     bucket = ds_setting(cfg, "reduce_bucket_size", REDUCE_BUCKET)
+    if cfg.cluster.accelerator == "cpu":
+        # On the host an untouched page of torch.empty is never resident: only the part a model's
+        # gradients fill counts. (A GPU's caching allocator reserves the whole bucket.)
+        bucket = min(bucket, shape.total)
     if s.zero_stage == 3:
         prefetch = ds_setting(cfg, "stage3_prefetch_bucket_size", PREFETCH_BUCKET)
         largest = max(math.prod(shape) for shape in tensor_shapes(m).values())
         gathered = min(shape.total, largest + prefetch)
+        if 2 * shape.total <= ds_setting(cfg, "stage3_max_reuse_distance", MAX_REUSE_DISTANCE):
+            # A parameter reused within max_reuse_distance elements is not released: from the
+            # second step on, a model this small stays gathered from forward to backward.
+            gathered = shape.total
         notes.append("ZeRO-3: one reduce bucket (reduce_bucket_size), the module being computed and a "
                      "prefetch bucket gathered")
         return bucket * compute + gathered * compute, notes

@@ -7,8 +7,11 @@ import json
 import sys
 from collections.abc import Sequence
 
-from hpc.config import ConfigError, available, compose
+from hpc.config import ConfigError, available
+from hpc.config.compose import compose_strategies
 from hpc.config.deepspeed_check import check_at_submit
+from hpc.estimate.advisor import STRATEGY_PRESETS
+from hpc.estimate.check import check_fit
 from hpc.submit.backend import SubmitError, submit
 from hpc.run_folder import RunFolder
 from hpc.submit.plan import build_plan, run_dir_of
@@ -44,12 +47,18 @@ def _list() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # options may come between the overrides
     if args.list:
         print(_list())
         return 0
     try:
-        cfg = compose(args.overrides)
+        cfg, preset, variants = compose_strategies(args.overrides, STRATEGY_PRESETS)
+        # The planner first: a job that cannot fit is refused before anything else is looked at.
+        fit = check_fit(cfg, preset, variants)
+        if fit.refuse:
+            raise ConfigError(fit.problem)
+        if fit.problem:
+            print(f"warning: {fit.problem}", file=sys.stderr)
         plan = build_plan(cfg, measured_lead=RunFolder(run_dir_of(cfg)).read_measured_lead())
         # DeepSpeed's own parser, in the job's python (a subprocess: no torch here), before anything
         # is written or queued.
@@ -58,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.dry_run:
+        if fit.summary:
+            print(f"# {fit.summary}")
         sys.stdout.write(plan.describe())
         if ds_config is not None:
             sys.stdout.write("\n# ---- DeepSpeed config (checked by DeepSpeed's parser) ----\n"
