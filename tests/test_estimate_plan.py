@@ -110,3 +110,16 @@ def test_cpu_presets_are_checked_against_this_machines_memory(capsys) -> None:
     assert code == 2 and "does not fit" in err and "GB of host memory over 2 rank(s) on this machine" in err
     code, out, err = _run(capsys, submit, "exp=tiny_cpu", "cluster=local", "--dry-run")
     assert code == 0 and out.startswith("# plan: ddp: ") and ": fits (" in out.splitlines()[0]
+
+
+def test_deepspeed_bucket_sizes_come_from_the_config_however_they_are_written() -> None:
+    from hpc.config import compose
+    from hpc.estimate.memory import estimate_memory
+
+    base = ["exp=70b_zero3", "nodes=4", "cluster=slurm"]
+    default = estimate_memory(compose(base)).gpu["buffers"]
+    for written in ("5e7", "50000000", "'5e7'"):
+        smaller = estimate_memory(compose([*base, f"strategy.deepspeed.zero_optimization.reduce_bucket_size={written}"]))
+        assert default - smaller.gpu["buffers"] == 2 * (500_000_000 - 50_000_000)  # bf16 bucket
+    auto = estimate_memory(compose([*base, "strategy.deepspeed.zero_optimization.reduce_bucket_size=auto"]))
+    assert auto.gpu["buffers"] == default

@@ -134,3 +134,22 @@ def test_the_shell_entry_point_passes_its_arguments_on() -> None:
                           env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 2
     assert "unknown checks ['nope']" in proc.stderr and "memory_7b" in proc.stderr
+
+
+def test_on_a_machine_without_a_gpu_it_says_so_and_exits_0(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the check would run")
+    proc = subprocess.run([str(ROOT / "tools" / "gpu_check.sh")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert "no NVIDIA GPU visible here" in proc.stdout and "--cpu" in proc.stdout
+    assert not (tmp_path / "gpu_check.json").exists()
+
+
+def test_the_gpu_throughput_check_knows_the_peak_of_the_usual_gpus() -> None:
+    from hpc.bench.gpu_checks import peak_tflops
+
+    assert peak_tflops("NVIDIA H200") == 989.0 and peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("Some Future GPU") is None

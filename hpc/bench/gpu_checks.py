@@ -274,6 +274,45 @@ def check_parity(ctx: Context, timeout_s: float) -> Finding:
                                                        "results": results})
 
 
+# ---- throughput: each strategy on a ~1B Llama, against the plan --------------------------------
+
+THROUGHPUT_STRATEGIES = ("ddp", "fsdp_full_shard", "fsdp_shard_grad_op", "zero2", "zero3")
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+"""Dense bf16 TFLOP/s by GPU name (for MFU); another GPU gets no MFU."""
+
+
+def peak_tflops(gpu_name: str) -> float | None:
+    return next((v for k, v in PEAK_TFLOPS.items() if k in gpu_name), None)
+
+
+def check_throughput(ctx: Context, timeout_s: float) -> Finding:
+    # ~150 s on one H200: one process group builds each engine in turn on configs/model/llama_1b.yaml
+    # (1.1 B parameters), 6 steps of 2 x 2048 tokens in bf16; on CPU the tiny model.
+    import torch
+
+    model = ["model=llama_1b", "train.micro_batch_size=2", "train.seq_len=2048"] if ctx.cuda else \
+        ["model=tiny", "train.seq_len=64"]
+    steps = 6 if ctx.cuda else 3
+    peak = peak_tflops(torch.cuda.get_device_name(0)) if ctx.cuda else None
+    common = [*model, f"strategy.mixed_precision={ctx.precision}", f"train.max_steps={steps}",
+              f"train.log_every={steps}", *ctx.overrides, *([f"cluster.peak_tflops={peak}"] if peak else [])]
+    cases = {name: [f"strategy={name}", *common] for name in THROUGHPUT_STRATEGIES}
+    results = run_cases(ctx.world, cases, ctx.work / "throughput", timeout_s=timeout_s)
+    rows = {}
+    for name, res in results.items():
+        cfg = local_config(ctx.world, cases[name])
+        summary = res.get("summary", {})
+        rows[name] = {"tokens_per_s": summary.get("tokens_per_s"), "mfu": summary.get("mfu") if peak else None,
+                      "peak_gib": summary.get("peak_mem_gb"), "planned_gib": planned_tensor_bytes(cfg) / 2**30}
+    # The plan must not be under the measured peak by more than 10% (it adds no allocator slack).
+    off = {n: r["peak_gib"] / r["planned_gib"] - 1 for n, r in rows.items() if r["peak_gib"] and ctx.cuda}
+    value = "; ".join(f"{n} {r['tokens_per_s'] or 0:,.0f} tok/s"
+                      + (f" MFU {r['mfu']:.0%}" if r["mfu"] else "")
+                      + f" peak {r['peak_gib'] or 0:.2f} GiB (plan {r['planned_gib']:.2f})" for n, r in rows.items())
+    return Finding(all(abs(e) <= 0.10 for e in off.values()), f"{model[0]}, {ctx.precision}, world {ctx.world}: {value}",
+                   {"rows": rows, "peak_vs_plan": off})
+
+
 # ---- memory_7b: one DDP step of the 7B preset ----------------------------------------------------
 
 def fitting_layers(model: Any, total_bytes: int) -> int:
@@ -284,6 +323,15 @@ def fitting_layers(model: Any, total_bytes: int) -> int:
     per_layer, fixed = two - one, 2 * one - two  # embeddings, output, final norm
     layers = (total_bytes - HEADROOM - fixed * BYTES_PER_PARAM) // (per_layer * BYTES_PER_PARAM)
     return int(max(0, min(model.n_layers, layers)))
+
+
+def planned_tensor_bytes(cfg: Any) -> int:
+    """What the planner (hpc.estimate) predicts the allocator's peak to be: its per-GPU total without
+    the reserved CUDA context and NCCL overhead, which max_memory_allocated does not see."""
+    from hpc.estimate.memory import estimate_memory
+
+    memory = estimate_memory(cfg)
+    return memory.total - memory.gpu["overhead"]
 
 
 def check_memory_7b(ctx: Context, timeout_s: float) -> Finding:
@@ -312,7 +360,8 @@ def check_memory_7b(ctx: Context, timeout_s: float) -> Finding:
         return Finding(False, f"{shape}: out of memory at {res['reserved_gib']:.1f} GiB reserved of "
                        f"{res['total_gib']:.1f} GiB", {"attempts": attempts})
     value = (f"{shape}, DDP bf16 autocast + AC, 1x4096 tokens, {ctx.world} rank(s): max reserved "
-             f"{res['reserved_gib']:.1f} GiB, allocated {res['allocated_gib']:.1f} GiB of {res['total_gib']:.1f} GiB; "
+             f"{res['reserved_gib']:.1f} GiB, allocated {res['allocated_gib']:.1f} GiB (planned "
+             f"{res.get('planned_gib', float('nan')):.1f}) of {res['total_gib']:.1f} GiB; "
              f"step {res['step_times'][-1]:.2f} s, loss {res['losses'][0]:.3f}")
     return Finding(True, value, {"attempts": attempts})
 
@@ -336,6 +385,7 @@ def _memory_in_rank(spec: dict[str, Any]) -> dict[str, Any]:
     if layers != full:
         cfg = local_config(world.world_size, [*spec["overrides"], f"model.n_layers={layers}"])
     me["params"] = count_params(cfg.model)
+    me["planned_gib"] = planned_tensor_bytes(cfg) / 2**30
     torch.cuda.reset_peak_memory_stats(world.device)
     try:
         outcome = train(cfg, world, engine=build_engine(cfg, world))

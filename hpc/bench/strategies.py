@@ -7,7 +7,15 @@ DDP. `plain_ddp` is a hand-written minimal DDP loop (model, AdamW, backward, cli
 else), the yardstick for our own DDP engine's overhead. The equivalence tests reuse `run_cases`:
 the same ranks that time the strategies check that they all compute the same losses.
 
-    python -m hpc.bench --world 2 --steps 30 model=tiny train.seq_len=256
+Beside each measurement the planner's prediction (`hpc.estimate`: peak memory per rank, tokens/s)
+and the collectives each rank called per step through torch.distributed's functions (all of
+FSDP2's and DDP's; DeepSpeed also coalesces some calls below them, which are not counted). On CPU
+the measured peak is the rank's resident set, interpreter and imports included (DeepSpeed's
+import adds ~0.2 GB the plan's 0.5 GB for a rank's own footprint does not cover). `--plot out.png` draws tokens/s and peak memory,
+measured beside planned; `--fsdp-wrap` adds fsdp_full_shard with the whole model as one unit and
+with pairs of blocks as units, against one unit per block (collective count and step time).
+
+    python -m hpc.bench --world 2 --steps 30 model=tiny train.seq_len=256 --plot runs/bench/strategies.png
 """
 
 from __future__ import annotations
@@ -17,10 +25,13 @@ import contextlib
 import json
 import sys
 import time
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from hpc.bench.harness import join_local, local_config, run_ranks
+from hpc.estimate.shape import shape_of
 
 STRATEGIES = ("plain_ddp", "ddp", "fsdp_full_shard", "fsdp_shard_grad_op", "fsdp_no_shard",
               "fsdp_hybrid_shard", "zero1", "zero2", "zero3")
@@ -51,22 +62,56 @@ def _run_cases_in_rank(cases: dict[str, list[str]]) -> dict[str, dict[str, Any]]
     results: dict[str, Any] = {}
     for label, overrides in cases.items():
         _release_memory(world)
-        flags = {o for o in overrides if o.isupper()}  # harness flags: PLAIN_DDP, SHARDED_INIT
+        # Harness flags: PLAIN_DDP, SHARDED_INIT, WRAP_MODEL / WRAP_SIZE (FSDP's units of sharding:
+        # the whole model, or pairs of blocks as a size-based policy would group them).
+        flags = {o for o in overrides if o.isupper()}
         cfg = local_config(world.world_size, [o for o in overrides if o not in flags])
         if "PLAIN_DDP" in flags:
             results[label] = plain_ddp_loop(cfg, world)
         else:
-            engine = build_engine(cfg, world, sharded_init=True if "SHARDED_INIT" in flags else None)
+            wrap = "model" if "WRAP_MODEL" in flags else f"size:{2 * shape_of(cfg.model).block}" \
+                if "WRAP_SIZE" in flags else "block"
+            engine = build_engine(cfg, world, sharded_init=True if "SHARDED_INIT" in flags else None, wrap=wrap)
             param_bytes = engine.local_param_bytes()
-            outcome = train(cfg, world, engine=engine)
+            with count_collectives() as calls:
+                outcome = train(cfg, world, engine=engine)
             engine.close()
             del engine
             _release_memory(world)
             results[label] = {"losses": outcome.losses, "param_bytes": param_bytes,
-                              "step_times": outcome.step_times,
-                              "summary": outcome.summary}
+                              "step_times": outcome.step_times, "summary": outcome.summary,
+                              "collectives_per_step": sum(calls.values()) / max(len(outcome.step_times), 1),
+                              "collectives": dict(calls)}
         dist.barrier()
     return results
+
+
+COLLECTIVES = ("all_gather_single", "reduce_scatter_single", "all_gather_into_tensor", "reduce_scatter_tensor",
+               "all_reduce", "all_gather", "reduce_scatter", "broadcast")
+
+
+@contextlib.contextmanager
+def count_collectives() -> Iterator[Counter]:
+    """Count this rank's torch.distributed collective calls, by name, while the block runs (FSDP2 and
+    DeepSpeed call them through the module, so the module's functions are wrapped for the while)."""
+    import torch.distributed as dist
+
+    calls: Counter = Counter()
+    saved = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+
+    def counting(name: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name, fn in saved.items():
+        setattr(dist, name, counting(name, fn))
+    try:
+        yield calls
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
 
 
 def _release_memory(world: Any) -> None:
@@ -144,19 +189,44 @@ def summarise(results: dict[str, dict], *, tokens_per_step: int, warmup: int) ->
         step = _steady(res["step_times"], warmup)
         rows.append({"strategy": label, "step_ms": step * 1e3, "tokens_per_s": tokens_per_step / step,
                      "peak_mem_gb": res.get("summary", {}).get("peak_mem_gb", float("nan")),
-                     "param_mb_per_rank": res["param_bytes"] / 1e6, "final_loss": res["losses"][-1]})
+                     "param_mb_per_rank": res["param_bytes"] / 1e6, "final_loss": res["losses"][-1],
+                     "collectives_per_step": res.get("collectives_per_step")})
     ddp = next((r for r in rows if r["strategy"] == "ddp"), None)
     for row in rows:
         row["vs_ddp"] = row["tokens_per_s"] / ddp["tokens_per_s"] if ddp else float("nan")
     return rows
 
 
+def add_plan(rows: list[dict[str, Any]], cases: dict[str, list[str]], world: int, tokens_per_step: int) -> None:
+    """The planner's prediction beside each measurement (hpc.estimate): peak memory per rank (GiB,
+    as measured: on a GPU the allocator's peak, so without the reserved CUDA/NCCL overhead) and
+    tokens/s from its step time."""
+    from hpc.estimate.comm import traffic
+    from hpc.estimate.memory import estimate_memory
+
+    for row in rows:
+        if any(o.startswith("WRAP_") for o in cases[row["strategy"]]):
+            continue  # the planner models one unit per block
+        overrides = [o for o in cases[row["strategy"]] if not o.isupper()]
+        cfg = local_config(world, overrides)
+        memory, step = estimate_memory(cfg), traffic(cfg)
+        tensors = memory.total - (memory.gpu["overhead"] if cfg.cluster.accelerator == "cuda" else 0)
+        row["predicted_mem_gb"] = tensors / 2**30
+        row["predicted_tokens_per_s"] = tokens_per_step / step.step_s if step.step_s else float("nan")
+        row["predicted_bound_by"] = step.bottleneck
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'strategy':<20}{'step ms':>9}{'tokens/s':>11}{'vs ddp':>8}{'peak GB':>9}{'param MB/rank':>15}{'loss':>8}"
+    width = max([20, *(len(r["strategy"]) + 2 for r in rows)])
+    head = (f"{'strategy':<{width}}{'step ms':>9}{'tokens/s':>11}{'plan tok/s':>11}{'vs ddp':>8}{'peak GB':>9}"
+            f"{'plan GB':>9}{'coll/step':>10}{'param MB/rank':>15}{'loss':>8}")
     lines = [head, "-" * len(head)]
+    nan = float("nan")
     for r in rows:
-        lines.append(f"{r['strategy']:<20}{r['step_ms']:>9.1f}{r['tokens_per_s']:>11,.0f}{r['vs_ddp']:>8.3f}"
-                     f"{r['peak_mem_gb']:>9.2f}{r['param_mb_per_rank']:>15.2f}{r['final_loss']:>8.4f}")
+        lines.append(f"{r['strategy']:<{width}}{r['step_ms']:>9.1f}{r['tokens_per_s']:>11,.0f}"
+                     f"{r.get('predicted_tokens_per_s', nan):>11,.0f}{r['vs_ddp']:>8.3f}"
+                     f"{r['peak_mem_gb']:>9.2f}{r.get('predicted_mem_gb', nan):>9.2f}"
+                     f"{r.get('collectives_per_step') or nan:>10.1f}{r['param_mb_per_rank']:>15.2f}{r['final_loss']:>8.4f}")
     return "\n".join(lines)
 
 
@@ -169,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="run the whole sweep this many times, "
                         "interleaved, and keep each strategy's best mean (less noise)")
     parser.add_argument("--out", default="runs/bench/strategies.json", help="JSON results file")
+    parser.add_argument("--fsdp-wrap", action="store_true", help="also run fsdp_full_shard with the whole model as "
+                        "one unit and with pairs of blocks as units (a size-based policy), beside one unit per block")
+    parser.add_argument("--plot", metavar="PNG", help="also draw tokens/s and peak memory per strategy, measured "
+                        "beside planned (needs matplotlib: pip install -e '.[plot]')")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model=tiny train.seq_len=256")
     args = parser.parse_args(argv)
 
@@ -187,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cases = {name: (["PLAIN_DDP", *common] if name == "plain_ddp" else [f"strategy={name}", *common])
              for name in names}
+    if args.fsdp_wrap:
+        for flag, label in (("WRAP_MODEL", "fsdp_full_shard wrap=model"), ("WRAP_SIZE", "fsdp_full_shard wrap=2blocks")):
+            cases[label] = [flag, "strategy=fsdp_full_shard", *common]
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * args.world * cfg.train.seq_len
     out = Path(args.out)
     best: dict[str, dict] = {}
@@ -199,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     ddp = best.get("ddp")
     for row in rows:
         row["vs_ddp"] = row["tokens_per_s"] / ddp["tokens_per_s"] if ddp else float("nan")
+    add_plan(rows, {name: ["strategy=ddp", *common] if name == "plain_ddp" else case
+                    for name, case in cases.items()}, args.world, tokens_per_step)
+    rows.sort(key=lambda r: list(cases).index(r["strategy"]))
     print(f"model {cfg.model.name} ({cfg.model.dim}d x {cfg.model.n_layers}), world {args.world}, "
           f"batch {cfg.train.micro_batch_size}x{cfg.train.seq_len} per rank, {args.steps} steps "
           f"(first {args.warmup} left out), best of {args.repeat}")
@@ -209,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps({"world": args.world, "steps": args.steps, "warmup": args.warmup,
                                "overrides": args.overrides, "model": cfg.model.name, "rows": rows}, indent=2))
     print(f"wrote {out}")
+    if args.plot:
+        from hpc.bench.plot import plot_strategies
+
+        title = (f"{cfg.model.name}, world {args.world}, {cfg.train.micro_batch_size}x{cfg.train.seq_len} tokens "
+                 f"per rank, {cfg.strategy.mixed_precision}")
+        print(f"wrote {plot_strategies(rows, Path(args.plot), title=title)}")
     return 0
 
 

@@ -161,7 +161,26 @@ def recommend(options: Sequence[Option], limit: Budget) -> Advice:
         chosen = best
     if chosen is None:
         path.append("nothing fits at this size: see the changes below")
+    path += _departures(by_name)
     return Advice(chosen.preset if chosen else None, path)
+
+
+def _departures(by_name: dict[str, Option]) -> list[str]:
+    """Where the usual rules of thumb and this job's numbers disagree, said with the numbers."""
+    notes = []
+    ddp = by_name.get("ddp")
+    if ddp is not None and ddp.memory is not None and ddp.fits is False:
+        states = ddp.memory.model_states
+        notes.append(f"note: a DDP replica is {_gb(states)} of model states per GPU (fp32 weights and gradients "
+                     f"and AdamW's two moments: 16 bytes per parameter), not the 4 bytes of bf16 weights and "
+                     f"gradients often quoted ({_gb(states / 4)})")
+    grad_op, full = by_name.get("fsdp_shard_grad_op"), by_name.get("fsdp_full_shard")
+    if grad_op is not None and full is not None and grad_op.memory and full.memory and grad_op.fits is False \
+            and full.fits:
+        notes.append(f"note: shard_grad_op is often advised for small GPUs, but it keeps every block's gathered "
+                     f"weights from forward to backward ({_gb(grad_op.memory.gpu['buffers'])} of buffers here): "
+                     f"full_shard fits where it does not")
+    return notes
 
 
 def fixes(cfg: Config, chosen: str, limit: Budget, variants: dict[str, Config | ConfigError]) -> list[str]:

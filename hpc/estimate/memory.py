@@ -133,7 +133,10 @@ def _fsdp(cfg: Config) -> States:
 def ds_setting(cfg: Config, key: str, default: int) -> int:
     """A zero_optimization value from strategy.deepspeed, else DeepSpeed's default."""
     zero = (cfg.strategy.deepspeed or {}).get("zero_optimization") or {}
-    return int(zero.get(key, default))
+    try:  # DeepSpeed takes 5e8, 500000000 and "5e8" alike
+        return int(float(zero.get(key, default)))
+    except (TypeError, ValueError):  # "auto" and the like: DeepSpeed decides; plan with its default
+        return default
 
 
 REDUCE_BUCKET = 500_000_000
@@ -197,8 +200,23 @@ def _deepspeed(cfg: Config) -> dict[str, int]:
     return States(params=params, grads=grads, optimizer=optimizer, off=off, off_to=off_to)
 
 
-def buffers(cfg: Config) -> tuple[int, list[str]]:
-    """Temporary buffers on the fullest rank at its peak, with what they are."""
+def buffers(cfg: Config, activation_bytes: int = 0) -> tuple[int, list[str]]:
+    """Temporary buffers on the fullest rank, with what they are, such that activations + buffers
+    is the larger of the two peaks: backward (activations and the buffers of forward and backward)
+    and the optimizer step, when the activations are gone but torch's foreach AdamW computes
+    sqrt(exp_avg_sq) into one fp32 temporary the size of the rank's parameters (measured; an
+    offloaded step runs on the host)."""
+    during, notes = _forward_backward_buffers(cfg)
+    states = model_states(cfg)
+    # fp32 state per parameter element: two moments (8 bytes), and DeepSpeed's master copy (12).
+    step = states.on_gpu("optimizer") // (3 if cfg.strategy.name == "deepspeed" else 2)
+    if step > activation_bytes + during:
+        notes.append("peak at the optimizer step: foreach AdamW's fp32 temporary the size of the parameters")
+        return step - activation_bytes, notes
+    return during, notes
+
+
+def _forward_backward_buffers(cfg: Config) -> tuple[int, list[str]]:
     s, m = cfg.strategy, cfg.model
     shape = shape_of(m)
     compute = HALF[s.mixed_precision]
@@ -263,7 +281,7 @@ def estimate_memory(cfg: Config) -> Memory:
     mode = compute_mode(s.name, s.mixed_precision)
     acts = activations(cfg.model, train.micro_batch_size, train.seq_len, mode, s.activation_checkpointing,
                        s.ac_every_k)
-    buf, notes = buffers(cfg)
+    buf, notes = buffers(cfg, acts.peak)
     gpu = {"params": states.on_gpu("params"), "grads": states.on_gpu("grads"), "optimizer": states.on_gpu("optimizer"),
            "activations": acts.peak, "buffers": buf, "overhead": overhead_bytes(cfg)}
     gpu["total"] = sum(gpu[k] for k in COMPONENTS)

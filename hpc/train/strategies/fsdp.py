@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -49,8 +50,38 @@ def build_mesh(cfg: Config, world: World) -> DeviceMesh:
     return init_device_mesh(world.device.type, shape, mesh_dim_names=names)
 
 
-def shard_model(model: Transformer, cfg: Config, mesh: DeviceMesh) -> None:
-    """fully_shard every block, then the root (embeddings, final norm, output)."""
+WRAPS = ("block", "model", "size", "size:N")
+"""Units of sharding: block (each transformer block its own unit: the default), model (the whole
+model one unit: every parameter gathered at once), size[:N] (consecutive blocks grouped until a
+unit holds at least N parameters, default SIZE_WRAP_PARAMS, as a size-based auto-wrap policy
+would). The benchmark compares them (python -m hpc.bench --fsdp-wrap)."""
+SIZE_WRAP_PARAMS = 100_000_000
+
+
+def units(model: Transformer, wrap: str) -> list[list[nn.Module]]:
+    """The groups of blocks that become one FSDP unit each (the root takes the rest)."""
+    if wrap == "model":
+        return []
+    if wrap == "block":
+        return [[block] for block in model.layers]
+    kind, _, size = wrap.partition(":")
+    if kind != "size" or not (size.isdigit() or not size):
+        raise ValueError(f"FSDP wrap {wrap!r}: one of {', '.join(WRAPS)}")
+    min_params = int(size) if size else SIZE_WRAP_PARAMS
+    groups: list[list[nn.Module]] = [[]]
+    held = 0
+    for block in model.layers:
+        if held >= min_params:
+            groups.append([])
+            held = 0
+        groups[-1].append(block)
+        held += sum(p.numel() for p in block.parameters())
+    return [g for g in groups if g]
+
+
+def shard_model(model: Transformer, cfg: Config, mesh: DeviceMesh, wrap: str = "block") -> None:
+    """fully_shard every block (or group of blocks, `wrap`), then the root (embeddings, final norm,
+    output)."""
     strategy = cfg.strategy
     if strategy.mixed_precision == "bf16":
         # Compute in bf16, reduce gradients in fp32: bf16 sums over many ranks lose too much.
@@ -63,9 +94,9 @@ def shard_model(model: Transformer, cfg: Config, mesh: DeviceMesh) -> None:
         mp = block_mp = MixedPrecisionPolicy()
     offload = CPUOffloadPolicy() if strategy.offload_params == "cpu" else OffloadPolicy()
     reshard = strategy.sharding != "shard_grad_op"
-    for block in model.layers:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=block_mp,
-                    offload_policy=offload)
+    for unit in units(model, wrap):
+        fully_shard(unit[0] if len(unit) == 1 else unit, mesh=mesh, reshard_after_forward=reshard,
+                    mp_policy=block_mp, offload_policy=offload)
     # The root's parameters are needed first in backward (output layer): keep them gathered.
     fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp, offload_policy=offload)
 
@@ -73,13 +104,13 @@ def shard_model(model: Transformer, cfg: Config, mesh: DeviceMesh) -> None:
 class FSDPEngine(Engine):
     name = "fsdp"
 
-    def __init__(self, cfg: Config, world: World, *, sharded_init: bool | None = None) -> None:
+    def __init__(self, cfg: Config, world: World, *, sharded_init: bool | None = None, wrap: str = "block") -> None:
         self.cfg, self.world = cfg, world
         self.mesh = build_mesh(cfg, world)
         self.replicated = self.mesh.ndim == 2
         if wants_sharded_init(cfg, sharded_init):
             self.module = build_meta_model(cfg)
-            shard_model(self.module, cfg, self.mesh)
+            shard_model(self.module, cfg, self.mesh, wrap)
             # Each shard is drawn from its own stream, but replicas of a shard (HSDP's replicate
             # dimension) must draw the same numbers, so the offset is the rank within the shard group.
             shard_rank = self.mesh["shard"].get_local_rank()
@@ -90,7 +121,7 @@ class FSDPEngine(Engine):
                         buffer_device=world.device)
         else:
             self.module = build_full_model(cfg, world.device)
-            shard_model(self.module, cfg, self.mesh)
+            shard_model(self.module, cfg, self.mesh, wrap)
         self.model = self.module
         self.optimizer = build_optimizer(self.module, cfg.train)
         self.accum = cfg.train.grad_accum
