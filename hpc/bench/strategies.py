@@ -8,8 +8,9 @@ else), the yardstick for our own DDP engine's overhead. The equivalence tests re
 the same ranks that time the strategies check that they all compute the same losses.
 
 Beside each measurement the planner's prediction (`hpc.estimate`: peak memory per rank, tokens/s)
-and the collectives each rank called per step through torch.distributed's functions (all of
-FSDP2's and DDP's; DeepSpeed also coalesces some calls below them, which are not counted). On CPU
+and the collectives each rank called per step through torch.distributed's functions: all of
+FSDP2's, and the loop's one loss all-reduce; DDP's reducer and some of DeepSpeed's calls go to the
+process group below them and are not counted (compare FSDP wrappings with it, not engines). On CPU
 the measured peak is the rank's resident set, interpreter and imports included (DeepSpeed's
 import adds ~0.2 GB the plan's 0.5 GB for a rank's own footprint does not cover). `--plot out.png` draws tokens/s and peak memory,
 measured beside planned; `--fsdp-wrap` adds fsdp_full_shard with the whole model as one unit and
