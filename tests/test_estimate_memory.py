@@ -71,21 +71,22 @@ STRATEGIES = ("ddp", "fsdp_no_shard", "fsdp_full_shard", "fsdp_shard_grad_op", "
 STATE_OVERRIDES = ("model=tiny", "train.seq_len=32", "train.micro_batch_size=1")
 
 
-def _cases(precision: str, grad_accum: int = 1) -> dict[str, list[str]]:
+def _cases(precision: str, grad_accum: int = 1, names: tuple[str, ...] = STRATEGIES) -> dict[str, list[str]]:
     return {f"{name} {precision}": [*STATE_OVERRIDES, f"strategy={name}", f"strategy.mixed_precision={precision}",
-                                    f"train.grad_accum={grad_accum}"] for name in STRATEGIES}
+                                    f"train.grad_accum={grad_accum}"] for name in names}
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_model_states_are_what_every_rank_of_every_engine_holds(world: int, tmp_path) -> None:
     """bf16 (the GPU case: DeepSpeed's BF16_Optimizer, FSDP's mixed precision) at every size, and
-    fp32 (DeepSpeed's other optimizer path) with two micro-batches per step (ZeRO-1 then holds whole
-    gradients) at 2 ranks, in one process group per size."""
+    DeepSpeed in fp32 (its other optimizer path; DDP and FSDP keep fp32 state either way) with two
+    micro-batches per step (ZeRO-1 then holds whole gradients) at 2 ranks, one process group per size."""
     from hpc.bench.harness import run_ranks
     from hpc.bench.memory_census import census_cases
     from hpc.estimate.memory import model_states
 
-    cases = {**_cases("bf16"), **(_cases("fp32", grad_accum=2) if world == 2 else {})}
+    fp32 = _cases("fp32", grad_accum=2, names=("zero1", "zero2", "zero3")) if world == 2 else {}
+    cases = {**_cases("bf16"), **fp32}
     measured = run_ranks(world, census_cases, {"cases": cases}, tmp_path, timeout_s=600)
     worst = {}
     for label, overrides in cases.items():
