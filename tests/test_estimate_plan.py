@@ -123,3 +123,15 @@ def test_deepspeed_bucket_sizes_come_from_the_config_however_they_are_written() 
         assert default - smaller.gpu["buffers"] == 2 * (500_000_000 - 50_000_000)  # bf16 bucket
     auto = estimate_memory(compose([*base, "strategy.deepspeed.zero_optimization.reduce_bucket_size=auto"]))
     assert auto.gpu["buffers"] == default
+
+
+def test_the_planner_is_a_console_script_too(tmp_path: Path) -> None:
+    """pip installs `hpc-estimate` beside `hpc-submit` (pyproject's [project.scripts])."""
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts") if e.name.startswith("hpc-")}
+    assert scripts["hpc-estimate"] == "hpc.estimate.__main__:main"
+    proc = subprocess.run([str(Path(sys.executable).parent / "hpc-estimate"), "exp=tiny_cpu", "cluster=local", "--json"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["strategies"][0]["strategy"] == "ddp"
