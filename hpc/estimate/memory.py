@@ -34,7 +34,8 @@ STATE_BYTES_PER_PARAM = 12
 """Bytes per parameter in a checkpoint: fp32 weights (or DeepSpeed's fp32 master copy) and AdamW's
 two fp32 moments."""
 COMPONENTS = ("params", "grads", "optimizer", "activations", "buffers", "overhead")
-HALF = {"bf16": 2, "fp16": 2, "fp32": 4}
+COMPUTE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+"""Bytes per element of the compute dtype (strategy.mixed_precision)."""
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def _deepspeed(cfg: Config) -> dict[str, int]:
     """
     s, n = cfg.strategy, cfg.world_size
     p = shape_of(cfg.model).total
-    c = HALF[s.mixed_precision]
+    c = COMPUTE_BYTES[s.mixed_precision]
     grad = 2 if s.mixed_precision == "fp16" else 4  # bf16 accumulates in fp32 (hpc.config.deepspeed)
     part = math.ceil(p / n)
     optimizer = 12 * part + 4 * 2  # fp32 master + exp_avg + exp_avg_sq; a 0-d step per group
@@ -219,7 +220,7 @@ def buffers(cfg: Config, activation_bytes: int = 0) -> tuple[int, list[str]]:
 def _forward_backward_buffers(cfg: Config) -> tuple[int, list[str]]:
     s, m = cfg.strategy, cfg.model
     shape = shape_of(m)
-    compute = HALF[s.mixed_precision]
+    compute = COMPUTE_BYTES[s.mixed_precision]
     notes: list[str] = []
     if s.name == "ddp":
         if s.mixed_precision == "fp32":
