@@ -186,32 +186,40 @@ def compose(
     return _compose(overrides, root=root, which=which, environ=environ, now=now)[0]
 
 
+StrategyVariants = Callable[[Sequence[str]], dict[str, Config | ConfigError]]
+"""names -> the composed job over each of those strategy presets (see compose_strategies)."""
+
+
 def compose_strategies(
     overrides: Sequence[str],
-    names: Sequence[str],
     *,
     root: Path | None = None,
     which: Callable[[str], str | None] = shutil.which,
     environ: Mapping[str, str] = os.environ,
-) -> tuple[Config, str, dict[str, Config | ConfigError]]:
-    """The config for `overrides`, the name of its strategy preset, and for each strategy preset in
-    `names` the same experiment and command line over that preset instead: what
-    `compose([*overrides, f"strategy={name}"])` gives, without composing everything again (a tenth
-    of a second each). A combination the schema refuses (an offload DDP cannot do, say) comes back
-    as its ConfigError."""
+) -> tuple[Config, str, StrategyVariants]:
+    """The config for `overrides`, the name of its strategy preset, and a function that gives, for
+    each strategy preset it is asked for, the same experiment and command line over that preset
+    instead: what `compose([*overrides, f"strategy={name}"])` gives, without composing everything
+    again (a tenth of a second each), and only when asked. A combination the schema refuses (an
+    offload DDP cannot do, say) comes back as its ConfigError."""
     cfg, (chosen, exp_keys, cli_keys, root) = _compose(overrides, root=root, which=which, environ=environ,
                                                        now=time.time)
-    out: dict[str, Config | ConfigError] = {}
-    for name in names:
-        preset = _load_yaml("strategy", name, root)
-        out[name] = _with_strategy(cfg, name, _deep_merge(_deep_merge(preset, exp_keys), cli_keys))
-        if isinstance(out[name], ConfigError):
-            # Keys of another engine (an HSDP group size, an offload) do not carry over; what every
-            # engine has (precision, activation checkpointing) does.
-            shared = {k: v for layer in (exp_keys, cli_keys) for k, v in layer.items() if k in SHARED_STRATEGY_KEYS}
-            retry = _with_strategy(cfg, name, _deep_merge(preset, shared))
-            out[name] = retry if not isinstance(retry, ConfigError) else out[name]
-    return cfg, chosen, out
+
+    def variants(names: Sequence[str]) -> dict[str, Config | ConfigError]:
+        out: dict[str, Config | ConfigError] = {}
+        for name in names:
+            preset = _load_yaml("strategy", name, root)
+            out[name] = _with_strategy(cfg, name, _deep_merge(_deep_merge(preset, exp_keys), cli_keys))
+            if isinstance(out[name], ConfigError):
+                # Keys of another engine (an HSDP group size, an offload) do not carry over; what
+                # every engine has (precision, activation checkpointing) does.
+                shared = {k: v for layer in (exp_keys, cli_keys) for k, v in layer.items()
+                          if k in SHARED_STRATEGY_KEYS}
+                retry = _with_strategy(cfg, name, _deep_merge(preset, shared))
+                out[name] = retry if not isinstance(retry, ConfigError) else out[name]
+        return out
+
+    return cfg, chosen, variants
 
 
 SHARED_STRATEGY_KEYS = ("mixed_precision", "activation_checkpointing", "ac_every_k")
@@ -284,7 +292,6 @@ def _compose(overrides: Sequence[str], *, root: Path | None, which: Callable[[st
         merged = _deep_merge(merged, {"run": {"name": f"{exp}-{stamp}"}})
     strategy_layers = (str(picks["strategy"]), exp_data.get("strategy") or {}, cli.get("strategy") or {}, root)
     return _to_config(merged, layers), strategy_layers
-
 
 
 def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

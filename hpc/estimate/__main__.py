@@ -41,14 +41,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)  # options may come between the overrides
     try:
-        cfg, chosen, variants = compose_strategies(args.overrides, STRATEGY_PRESETS)
+        cfg, chosen, strategy_variants = compose_strategies(args.overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     limit = budget(cfg)
-    variants[chosen] = cfg  # the job as configured, strategy.* overrides and all
     own = evaluate(chosen, cfg, limit)
     options = [own]
+    variants = strategy_variants(STRATEGY_PRESETS) if args.compare or own.fits is False else {}
+    variants[chosen] = cfg  # the job as configured, strategy.* overrides and all
     if args.compare:
         options = [own if name == chosen else evaluate(name, variants[name], limit) for name in STRATEGY_PRESETS]
         if chosen not in STRATEGY_PRESETS:

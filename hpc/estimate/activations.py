@@ -20,8 +20,8 @@ b sequences of s tokens, with d = dim, f = ffn_dim, H = heads, kv = n_kv_heads x
                     128k vocabulary)
 
 At the loss the logits (bsV x compute bytes, and an fp32 copy under half precision) and, in
-backward, their gradient (fp32) also exist for a moment: `transient_peak` adds them, with the
-recomputation of one checkpointed block.
+backward, their gradient (fp32) also exist for a moment: `Activations.transient` is them, or the
+recomputation of one checkpointed block, whichever is larger.
 """
 
 from __future__ import annotations
@@ -51,9 +51,6 @@ class Activations:
     transient: int
     """Alive for a moment on top of `saved`: the logits and their gradient at the loss, or one
     checkpointed block recomputed in backward, whichever is larger."""
-    per_block: int
-    """One block's saved bytes when not checkpointed."""
-    checkpointed_blocks: int
 
     @property
     def peak(self) -> int:
@@ -108,5 +105,4 @@ def activations(m: ModelConfig, b: int, s: int, mode: str, policy: str = "none",
     # The logits, their fp32 copy under half precision, and the fp32 gradient of the log-softmax.
     at_loss = bs * vocab * (compute + (4 if mode != "fp32" else 0) + 4)
     recompute = full if n_ckpt else 0
-    return Activations(saved=blocks + outside, transient=max(at_loss, recompute), per_block=full,
-                       checkpointed_blocks=n_ckpt)
+    return Activations(saved=blocks + outside, transient=max(at_loss, recompute))

@@ -20,7 +20,6 @@ from hpc.config.errors import ConfigError
 from hpc.config.schema import Config
 from hpc.estimate.comm import Traffic, traffic
 from hpc.estimate.memory import Memory, estimate_memory
-from hpc.estimate.shape import count_params
 
 STRATEGY_PRESETS = ("ddp", "fsdp_no_shard", "zero1", "zero2", "fsdp_shard_grad_op", "fsdp_full_shard", "zero3",
                     "fsdp_hybrid_shard", "zero3_offload")
@@ -189,42 +188,36 @@ def fixes(cfg: Config, chosen: str, limit: Budget, variants: dict[str, Config | 
         return []
     out: list[str] = []
 
-    def fits(c: Config) -> bool:
-        return bool(fits_in(estimate_memory(c), c, limit))
-
-    def need(c: Config) -> str:
-        return _gb(estimate_memory(c).total)
+    def fitting(c: Config) -> str | None:
+        """The GB per GPU `c` needs when it fits, else None."""
+        memory = estimate_memory(c)
+        return _gb(memory.total) if fits_in(memory, c, limit) else None
 
     s, train = cfg.strategy, cfg.train
     if s.activation_checkpointing != "all":
         c = dataclasses.replace(cfg, strategy=dataclasses.replace(s, activation_checkpointing="all"))
-        if fits(c):
-            out.append(f"strategy.activation_checkpointing=all ({need(c)} per GPU)")
+        if need := fitting(c):
+            out.append(f"strategy.activation_checkpointing=all ({need} per GPU)")
     mbs = train.micro_batch_size // 2
     while mbs >= 1:
         c = dataclasses.replace(cfg, train=dataclasses.replace(
             train, micro_batch_size=mbs, grad_accum=train.grad_accum * (train.micro_batch_size // mbs)))
-        if fits(c):
+        if need := fitting(c):
             out.append(f"train.micro_batch_size={mbs} train.grad_accum={c.train.grad_accum} (same global batch; "
-                       f"{need(c)} per GPU)")
+                       f"{need} per GPU)")
             break
         mbs //= 2
     for name, variant in variants.items():
-        if name != chosen and not isinstance(variant, ConfigError) and fits(variant):
-            out.append(f"strategy={name} ({need(variant)} per GPU)")
+        if name != chosen and not isinstance(variant, ConfigError) and (need := fitting(variant)):
+            out.append(f"strategy={name} ({need} per GPU)")
     if cfg.cluster.kind == "slurm":
         for nodes in range(cfg.slurm.nodes + 1, (cfg.cluster.max_nodes or MAX_NODES_TRIED) + 1):
             try:
                 c = dataclasses.replace(cfg, slurm=dataclasses.replace(cfg.slurm, nodes=nodes))
             except ConfigError:  # e.g. an HSDP group that does not divide the new world size
                 continue
-            if fits(c):
-                out.append(f"nodes={nodes} ({need(c)} per GPU)")
+            if need := fitting(c):
+                out.append(f"nodes={nodes} ({need} per GPU)")
                 break
     return out
-
-
-def describe_params(cfg: Config) -> str:
-    return f"{count_params(cfg.model) / 1e9:.2f} B parameters" if count_params(cfg.model) >= 1e9 else \
-        f"{count_params(cfg.model) / 1e6:.1f} M parameters"
 

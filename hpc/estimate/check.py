@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hpc.config.errors import ConfigError
+from hpc.config.compose import StrategyVariants
 from hpc.config.schema import Config
-from hpc.estimate.advisor import budget, evaluate, fixes
+from hpc.estimate.advisor import STRATEGY_PRESETS, budget, evaluate, fixes
 from hpc.estimate.memory import COMPONENTS
 from hpc.estimate.report import LABELS, summary_line
 
@@ -30,9 +30,9 @@ class FitCheck:
     """plan.check=refuse and a problem: the job must not be queued."""
 
 
-def check_fit(cfg: Config, preset: str, variants: dict[str, Config | ConfigError]) -> FitCheck:
-    """`cfg` is the job as composed, `preset` its strategy preset's name, `variants` the job with
-    every other strategy preset (hpc.config.compose.compose_strategies), for the hints."""
+def check_fit(cfg: Config, preset: str, variants: StrategyVariants) -> FitCheck:
+    """`cfg` is the job as composed, `preset` its strategy preset's name, `variants` the job over
+    other strategy presets (hpc.config.compose.compose_strategies), asked for only to find hints."""
     if cfg.plan.check == "off":
         return FitCheck(None)
     limit = budget(cfg)
@@ -42,7 +42,7 @@ def check_fit(cfg: Config, preset: str, variants: dict[str, Config | ConfigError
         return FitCheck(summary)
     assert option.memory is not None and limit.bytes is not None
     parts = ", ".join(f"{LABELS[k]} {option.memory.gpu[k] / GB:.2f}" for k in COMPONENTS)
-    hints = fixes(cfg, preset, limit, variants)
+    hints = fixes(cfg, preset, limit, variants(STRATEGY_PRESETS))
     hint = ("HINT: any one of these would fit: " + "; ".join(hints) + ". " if hints else
             "HINT: no single change of nodes, strategy, activation checkpointing or micro-batch fits; ")
     problem = (f"{cfg.exp} with strategy={preset} does not fit: {option.memory.total / GB:.2f} GB per GPU "

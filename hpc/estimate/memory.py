@@ -157,7 +157,7 @@ def persistent_params(cfg: Config) -> int:
     return sum(math.prod(shape) for shape in tensor_shapes(cfg.model).values() if math.prod(shape) < limit)
 
 
-def _deepspeed(cfg: Config) -> dict[str, int]:
+def _deepspeed(cfg: Config) -> States:
     """What DeepSpeed 0.19's ZeRO optimizers keep per rank (counted in tests from their own
     attributes: bit16_groups / bf16_groups / fp16_partitioned_groups and the persistent parameters;
     averaged_gradients, BF16_Optimizer's fp32 gradients, grad_partitions_flat_buffer; the fp32

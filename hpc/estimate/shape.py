@@ -1,8 +1,8 @@
 """The model's shape as numbers: parameters per tensor and per sharding unit, FLOPs per token.
 
 Pure arithmetic on a `ModelConfig` (no torch), shared by the planner on the login node and by the
-trainer (`hpc.train.model` re-exports `count_params` and `flops_per_token`), so the two never
-disagree about what the model is. The tensors are the ones `hpc.train.model.Transformer` creates,
+trainer (its metrics, sharded-init threshold and checkpoint-space check import `count_params` and
+`flops_per_token` from here), so the two never disagree about what the model is. The tensors are the ones `hpc.train.model.Transformer` creates,
 in its order; `tests/test_estimate_memory.py` checks them against the real module.
 """
 
@@ -36,11 +36,6 @@ class Shape:
     def root(self) -> int:
         """What FSDP's root unit holds: everything outside the blocks."""
         return self.embedding + self.final_norm + self.output
-
-    @property
-    def matrices(self) -> int:
-        """Parameters in >= 2-D tensors (weight-decayed; cast by autocast): all but the norms."""
-        return self.embedding + self.n_blocks * self.block_matrices + self.output
 
 
 def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

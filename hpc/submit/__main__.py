@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from hpc.config import ConfigError, available
 from hpc.config.compose import compose_strategies
 from hpc.config.deepspeed_check import check_at_submit
-from hpc.estimate.advisor import STRATEGY_PRESETS
 from hpc.estimate.check import check_fit
 from hpc.submit.backend import SubmitError, submit
 from hpc.run_folder import RunFolder
@@ -52,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_list())
         return 0
     try:
-        cfg, preset, variants = compose_strategies(args.overrides, STRATEGY_PRESETS)
+        cfg, preset, variants = compose_strategies(args.overrides)
         # The planner first: a job that cannot fit is refused before anything else is looked at.
         fit = check_fit(cfg, preset, variants)
         if fit.refuse:
