@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from hpc.bench.harness import join_local, local_config, run_ranks
-from hpc.bench.strategies import STRATEGIES, run_cases
+from hpc.bench.strategies import STRATEGIES, planned_peak_bytes, run_cases
 from hpc.launch.network import interface_addresses
 
 PARITY_STRATEGIES = ("ddp", "fsdp_full_shard", "zero2", "zero3")
@@ -303,7 +303,7 @@ def check_throughput(ctx: Context, timeout_s: float) -> Finding:
         cfg = local_config(ctx.world, cases[name])
         summary = res.get("summary", {})
         rows[name] = {"tokens_per_s": summary.get("tokens_per_s"), "mfu": summary.get("mfu") if peak else None,
-                      "peak_gib": summary.get("peak_mem_gb"), "planned_gib": planned_tensor_bytes(cfg) / 2**30}
+                      "peak_gib": summary.get("peak_mem_gb"), "planned_gib": planned_peak_bytes(cfg) / 2**30}
     # The plan must not be under the measured peak by more than 10% (it adds no allocator slack).
     off = {n: r["peak_gib"] / r["planned_gib"] - 1 for n, r in rows.items() if r["peak_gib"] and ctx.cuda}
     value = "; ".join(f"{n} {r['tokens_per_s'] or 0:,.0f} tok/s"
@@ -323,15 +323,6 @@ def fitting_layers(model: Any, total_bytes: int) -> int:
     per_layer, fixed = two - one, 2 * one - two  # embeddings, output, final norm
     layers = (total_bytes - HEADROOM - fixed * BYTES_PER_PARAM) // (per_layer * BYTES_PER_PARAM)
     return int(max(0, min(model.n_layers, layers)))
-
-
-def planned_tensor_bytes(cfg: Any) -> int:
-    """What the planner (hpc.estimate) predicts the allocator's peak to be: its per-GPU total without
-    the reserved CUDA context and NCCL overhead, which max_memory_allocated does not see."""
-    from hpc.estimate.memory import estimate_memory
-
-    memory = estimate_memory(cfg)
-    return memory.total - memory.gpu["overhead"]
 
 
 def check_memory_7b(ctx: Context, timeout_s: float) -> Finding:
@@ -370,8 +361,8 @@ def _memory_in_rank(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from hpc.train.loop import train
     from hpc.estimate.shape import count_params
+    from hpc.train.loop import train
     from hpc.train.strategies import build_engine
 
     cfg, world = join_local(spec["overrides"])
@@ -385,7 +376,7 @@ def _memory_in_rank(spec: dict[str, Any]) -> dict[str, Any]:
     if layers != full:
         cfg = local_config(world.world_size, [*spec["overrides"], f"model.n_layers={layers}"])
     me["params"] = count_params(cfg.model)
-    me["planned_gib"] = planned_tensor_bytes(cfg) / 2**30
+    me["planned_gib"] = planned_peak_bytes(cfg) / 2**30
     torch.cuda.reset_peak_memory_stats(world.device)
     try:
         outcome = train(cfg, world, engine=build_engine(cfg, world))

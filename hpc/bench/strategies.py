@@ -198,21 +198,28 @@ def summarise(results: dict[str, dict], *, tokens_per_step: int, warmup: int) ->
     return rows
 
 
+def planned_peak_bytes(cfg: Any) -> int:
+    """The planner's (hpc.estimate) per-rank peak as the benchmarks measure it: on a GPU the
+    allocator's peak, which does not see the reserved CUDA context and NCCL overhead; on CPU the
+    rank's resident set, which includes the process's own footprint (the same reserve)."""
+    from hpc.estimate.memory import estimate_memory
+
+    memory = estimate_memory(cfg)
+    return memory.total - (memory.gpu["overhead"] if cfg.cluster.accelerator == "cuda" else 0)
+
+
 def add_plan(rows: list[dict[str, Any]], cases: dict[str, list[str]], world: int, tokens_per_step: int) -> None:
     """The planner's prediction beside each measurement (hpc.estimate): peak memory per rank (GiB,
-    as measured: on a GPU the allocator's peak, so without the reserved CUDA/NCCL overhead) and
-    tokens/s from its step time."""
+    as measured: planned_peak_bytes) and tokens/s from its step time."""
     from hpc.estimate.comm import traffic
-    from hpc.estimate.memory import estimate_memory
 
     for row in rows:
         if any(o.startswith("WRAP_") for o in cases[row["strategy"]]):
             continue  # the planner models one unit per block
         overrides = [o for o in cases[row["strategy"]] if not o.isupper()]
         cfg = local_config(world, overrides)
-        memory, step = estimate_memory(cfg), traffic(cfg)
-        tensors = memory.total - (memory.gpu["overhead"] if cfg.cluster.accelerator == "cuda" else 0)
-        row["predicted_mem_gb"] = tensors / 2**30
+        step = traffic(cfg)
+        row["predicted_mem_gb"] = planned_peak_bytes(cfg) / 2**30
         row["predicted_tokens_per_s"] = tokens_per_step / step.step_s if step.step_s else float("nan")
         row["predicted_bound_by"] = step.bottleneck
 

@@ -280,7 +280,8 @@ def check_at_submit(cfg: Config, python: str, *, timeout_s: float = CHECK_TIMEOU
     by default the user's: deepspeed_cache.py). A job's python that cannot run here at all (a path
     that exists only on the cluster, or `python3` that only the job's venv gives hpc's packages) is
     replaced by `fallback` (default: the interpreter running this); one that runs but lacks
-    deepspeed is an error, as the job would fail the same way. Returns None for other strategies; raises ConfigError naming the key.
+    deepspeed is an error, as the job would fail the same way. Returns None for other strategies;
+    raises ConfigError naming the key.
     """
     if cfg.strategy.name != "deepspeed":
         return None

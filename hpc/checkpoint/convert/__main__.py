@@ -163,7 +163,7 @@ def _export(args: argparse.Namespace) -> int:
 
     from hpc.checkpoint.convert.hf import export_hf
     from hpc.checkpoint.convert.pipeline import open_reader
-    from hpc.checkpoint.convert.steps import open_source, verify_source_async
+    from hpc.checkpoint.convert.steps import open_source, refuse_unverified, verify_source_async
     from hpc.checkpoint.manifest import CheckpointError
     from hpc.config.compose import from_yaml
 
@@ -187,9 +187,9 @@ def _export(args: argparse.Namespace) -> int:
                 export_hf(reader, out, model_cfg, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32,
                           max_shard_bytes=int(args.max_shard_gb * 1e9))
             except Exception:
-                _refuse_unverified(args.step, checking.result())  # a corrupt file is best named by its checksum
+                refuse_unverified(args.step, checking.result())  # a corrupt file is best named by its checksum
                 raise
-            _refuse_unverified(args.step, checking.result())
+            refuse_unverified(args.step, checking.result())
         except BaseException:
             shutil.rmtree(out, ignore_errors=True)  # a half-written folder must not look exported
             raise
@@ -211,14 +211,6 @@ def _export(args: argparse.Namespace) -> int:
         emit(f"  verified: model {stats.equal if stats else 0}/{stats.tensors if stats else 0} tensors equal "
               f"to the source{' rounded to bf16' if args.dtype == 'bf16' else ''}")
     return 0
-
-
-def _refuse_unverified(step: str, problem: str | None) -> None:
-    from hpc.checkpoint.manifest import CheckpointError
-
-    if problem:
-        raise CheckpointError(f"{step} does not verify against its manifest: {problem}. HINT: restore the file, "
-                              "or export an older committed step") from None
 
 
 def _import(args: argparse.Namespace) -> int:

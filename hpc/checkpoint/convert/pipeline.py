@@ -34,6 +34,7 @@ from hpc.checkpoint.convert.steps import (
     Target,
     destination,
     open_source,
+    refuse_unverified,
     target_from_preset,
     verify_source_async,
 )
@@ -370,16 +371,10 @@ def reshard(src: str, out: str, *, world: int, strategy: str | None = None, over
                 infos, notes = write_step(reader, spec, target, work, config_yaml=target_yaml, workers=workers,
                                           what=f"step {state.step} -> {target.describe()}")
             except Exception:
-                problem = checking.result()  # a corrupt file is best named by its checksum
-                if problem:
-                    raise CheckpointError(f"{src} does not verify against its manifest: {problem}. HINT: "
-                                          "restore the file, or convert an older committed step") from None
+                refuse_unverified(src, checking.result())  # a corrupt file is best named by its checksum
                 raise
             converted = time.perf_counter()
-            problem = checking.result()
-            if problem:
-                raise CheckpointError(f"{src} does not verify against its manifest: {problem}. HINT: "
-                                      "restore the file, or convert an older committed step")
+            refuse_unverified(src, checking.result())
             manifest = commit_step(work, storage, out_name, out_step, target=target, state=state,
                                    config_yaml=target_yaml, in_place=local is not None,
                                    seconds={"convert": round(converted - opened, 3)})

@@ -114,10 +114,8 @@ def open_source(location: str, *, verify: bool = True, streams: int = 4, tmp_dir
     try:
         if local is not None:
             if verify:
-                problem = verify_checksums(storage, step, entries, list(entries), streams=streams, prefix=name)
-                if problem:
-                    raise CheckpointError(f"{location} does not verify against its manifest: {problem}. "
-                                          "HINT: restore the file, or convert an older committed step")
+                refuse_unverified(location, verify_checksums(storage, step, entries, list(entries),
+                                                             streams=streams, prefix=name))
             folder = local
         else:  # an object store: a verified local copy (stage_view checks every download)
             temporary = Path(tempfile.mkdtemp(prefix="hpc-convert-src-", dir=tmp_dir))
@@ -133,6 +131,14 @@ def open_source(location: str, *, verify: bool = True, streams: int = 4, tmp_dir
             shutil.rmtree(temporary, ignore_errors=True)
         raise
     return Source(location, manifest.format, folder, state_of(folder, manifest), manifest, temporary, storage, name)
+
+
+def refuse_unverified(location: str, problem: str | None) -> None:
+    """Raise the one-line refusal of a source whose files do not match its manifest (`problem`, from
+    verify_checksums); nothing when they match."""
+    if problem:
+        raise CheckpointError(f"{location} does not verify against its manifest: {problem}. HINT: restore the "
+                              "file, or convert an older committed step") from None
 
 
 def verify_source_async(source: Source, *, streams: int = 4) -> Future:
