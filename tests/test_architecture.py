@@ -15,7 +15,8 @@ import hpc
 PACKAGE = Path(__file__).resolve().parents[1] / "hpc"
 
 # Left to right: a module may import from its own stage and from stages to its left.
-STAGES = ["base", "config", "estimate", "submit", "slurm", "launch", "train", "checkpoint", "requeue", "bench", "status", "job"]
+STAGES = ["base", "config", "estimate", "submit", "slurm", "launch", "train", "checkpoint", "requeue", "bench", "status",
+          "job"]
 ROOMS = {
     # base: named once, usable by every stage (they import nothing of hpc but each other)
     "__init__": "base", "files": "base", "faults": "base", "run_folder": "base",

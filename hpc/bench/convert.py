@@ -207,7 +207,8 @@ def measure(argv: Sequence[str], *, env: dict[str, str], log: Path, watch: Path 
             if pid:
                 break
             rss, anon, pss = _memory(proc.pid)
-            peak["rss"], peak["anon"], peak["pss"] = max(peak["rss"], rss), max(peak["anon"], anon), max(peak["pss"], pss)
+            for key, now in (("rss", rss), ("anon", anon), ("pss", pss)):
+                peak[key] = max(peak[key], now)
             if time.monotonic() > deadline:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)  # its worker processes too

@@ -309,8 +309,8 @@ def check_throughput(ctx: Context, timeout_s: float) -> Finding:
     value = "; ".join(f"{n} {r['tokens_per_s'] or 0:,.0f} tok/s"
                       + (f" MFU {r['mfu']:.0%}" if r["mfu"] else "")
                       + f" peak {r['peak_gib'] or 0:.2f} GiB (plan {r['planned_gib']:.2f})" for n, r in rows.items())
-    return Finding(all(abs(e) <= 0.10 for e in off.values()), f"{model[0]}, {ctx.precision}, world {ctx.world}: {value}",
-                   {"rows": rows, "peak_vs_plan": off})
+    return Finding(all(abs(e) <= 0.10 for e in off.values()),
+                   f"{model[0]}, {ctx.precision}, world {ctx.world}: {value}", {"rows": rows, "peak_vs_plan": off})
 
 
 # ---- memory_7b: one DDP step of the 7B preset ----------------------------------------------------

@@ -12,9 +12,10 @@ and the collectives each rank called per step through torch.distributed's functi
 FSDP2's, and the loop's one loss all-reduce; DDP's reducer and some of DeepSpeed's calls go to the
 process group below them and are not counted (compare FSDP wrappings with it, not engines). On CPU
 the measured peak is the rank's resident set, interpreter and imports included (DeepSpeed's
-import adds ~0.2 GB the plan's 0.5 GB for a rank's own footprint does not cover). `--plot out.png` draws tokens/s and peak memory,
-measured beside planned; `--fsdp-wrap` adds fsdp_full_shard with the whole model as one unit and
-with pairs of blocks as units, against one unit per block (collective count and step time).
+import adds ~0.2 GB the plan's 0.5 GB for a rank's own footprint does not cover).
+`--plot out.png` draws tokens/s and peak memory, measured beside planned; `--fsdp-wrap` adds
+fsdp_full_shard with the whole model as one unit and with pairs of blocks as units, against one
+unit per block (collective count and step time).
 
     python -m hpc.bench --world 2 --steps 30 model=tiny train.seq_len=256 --plot runs/bench/strategies.png
 """
@@ -93,8 +94,8 @@ COLLECTIVES = ("all_gather_single", "reduce_scatter_single", "all_gather_into_te
 
 @contextlib.contextmanager
 def count_collectives() -> Iterator[Counter]:
-    """Count this rank's torch.distributed collective calls, by name, while the block runs (FSDP2 and
-    DeepSpeed call them through the module, so the module's functions are wrapped for the while)."""
+    """Count this rank's torch.distributed collective calls, by name, while the block runs (FSDP2 calls
+    them through the module at call time, so the module's functions are wrapped for the while)."""
     import torch.distributed as dist
 
     calls: Counter = Counter()
@@ -234,7 +235,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"{r['strategy']:<{width}}{r['step_ms']:>9.1f}{r['tokens_per_s']:>11,.0f}"
                      f"{r.get('predicted_tokens_per_s', nan):>11,.0f}{r['vs_ddp']:>8.3f}"
                      f"{r['peak_mem_gb']:>9.2f}{r.get('predicted_mem_gb', nan):>9.2f}"
-                     f"{r.get('collectives_per_step') or nan:>10.1f}{r['param_mb_per_rank']:>15.2f}{r['final_loss']:>8.4f}")
+                     f"{r.get('collectives_per_step') or nan:>10.1f}{r['param_mb_per_rank']:>15.2f}"
+                     f"{r['final_loss']:>8.4f}")
     return "\n".join(lines)
 
 
@@ -270,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = {name: (["PLAIN_DDP", *common] if name == "plain_ddp" else [f"strategy={name}", *common])
              for name in names}
     if args.fsdp_wrap:
-        for flag, label in (("WRAP_MODEL", "fsdp_full_shard wrap=model"), ("WRAP_SIZE", "fsdp_full_shard wrap=2blocks")):
+        for flag, label in (("WRAP_MODEL", "fsdp_full_shard wrap=model"),
+                            ("WRAP_SIZE", "fsdp_full_shard wrap=2blocks")):
             cases[label] = [flag, "strategy=fsdp_full_shard", *common]
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * args.world * cfg.train.seq_len
     out = Path(args.out)

@@ -127,7 +127,8 @@ def _fsdp(cfg: Config) -> States:
     if cfg.strategy.offload_params == "cpu":
         # CPUOffloadPolicy: shards, their gradients and the optimizer step live on the host.
         kinds = ("params", "grads", "optimizer")
-        return dataclasses.replace(states, off={k: getattr(states, k) for k in kinds}, off_to=dict.fromkeys(kinds, "cpu"))
+        return dataclasses.replace(states, off={k: getattr(states, k) for k in kinds},
+                                   off_to=dict.fromkeys(kinds, "cpu"))
     return states
 
 

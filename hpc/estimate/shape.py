@@ -2,8 +2,9 @@
 
 Pure arithmetic on a `ModelConfig` (no torch), shared by the planner on the login node and by the
 trainer (its metrics, sharded-init threshold and checkpoint-space check import `count_params` and
-`flops_per_token` from here), so the two never disagree about what the model is. The tensors are the ones `hpc.train.model.Transformer` creates,
-in its order; `tests/test_estimate_memory.py` checks them against the real module.
+`flops_per_token` from here), so the two never disagree about what the model is. The tensors are
+the ones `hpc.train.model.Transformer` creates, in its order; `tests/test_estimate_memory.py`
+checks them against the real module.
 """
 
 from __future__ import annotations
