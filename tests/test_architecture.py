@@ -123,3 +123,15 @@ def test_login_node_modules_do_not_import_torch_at_top_level() -> None:
             names |= {n.module for n in top if isinstance(n, ast.ImportFrom) and n.module}
             offenders += [f"{path.name}: {m}" for m in names if m.split(".")[0] in ("torch", "deepspeed")]
     assert not offenders, offenders
+
+
+def test_the_wheel_lists_every_package() -> None:
+    """pyproject.toml names the packages one by one (the shipped presets are mapped into the
+    package beside them): a new sub-package missing from the list would be missing from the wheel."""
+    import tomllib
+
+    setup = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    ours = {".".join(p.relative_to(PACKAGE.parent).parent.parts) for p in PACKAGE.rglob("__init__.py")}
+    listed = set(setup["packages"])
+    assert listed - set(setup["package-dir"]) == ours
+    assert setup["package-dir"] == {"hpc._shipped.configs": "configs", "hpc._shipped.templates": "templates"}

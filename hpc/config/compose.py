@@ -8,6 +8,7 @@ Layers, lowest first:
   4. CLI overrides: dotted (`train.lr=3e-4`) or shorthand (`nodes=4`, `time=04:00:00`, ...)
 
 Every key is checked against the schema before merging, so a typo fails with the closest valid key.
+Presets are read from a search path (./configs, $HPC_CONFIG_PATH, the shipped ones: hpc.config.presets).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hpc.config.errors import ConfigError, did_you_mean, unknown_choice
+from hpc.config.presets import SearchPath, search_path, shipped_dir
 from hpc.config.schema import Config, StrategyConfig
 
 # Preset groups: a bare `model=NAME` picks configs/model/NAME.yaml.
@@ -47,20 +49,32 @@ _LITERAL_KEYS = {"slurm.time", "slurm.job_name", "slurm.partition", "slurm.accou
 
 
 def configs_dir() -> Path:
-    """The configs/ folder: $HPC_CONFIG_DIR, else the one beside the hpc package."""
+    """The shipped configs folder: $HPC_CONFIG_DIR, else the package's (see hpc.config.presets)."""
     env = os.environ.get("HPC_CONFIG_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
+    return Path(env) if env else shipped_dir("configs")
 
 
-def available(group: str, root: Path | None = None) -> list[str]:
-    folder = (root or configs_dir()) / group
-    return sorted(p.stem for p in folder.glob("*.yaml"))
+Presets = SearchPath | Path | None
+"""Where compose reads presets: a search path, one folder, or None for this process's search path."""
 
 
-def _load_yaml(group: str, name: str, root: Path) -> dict[str, Any]:
-    path = root / group / f"{name}.yaml"
-    if not path.is_file():
-        raise unknown_choice(group, name, available(group, root))
+def _search(presets: Presets) -> SearchPath:
+    if presets is None:
+        return search_path()
+    return presets if isinstance(presets, SearchPath) else SearchPath.single(presets)
+
+
+def available(group: str, root: Presets = None) -> list[str]:
+    """Every preset name of `group` on the search path (or in `root`)."""
+    return _search(root).names(group)
+
+
+def _load_yaml(group: str, name: str, root: Presets) -> dict[str, Any]:
+    presets = _search(root)
+    path = presets.find(group, name)
+    if path is None:
+        err = unknown_choice(group, name, presets.names(group))
+        raise ConfigError(f"{err}; looked for {group}/{name}.yaml in: {presets.describe()}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -177,7 +191,7 @@ def _type_error(err: OmegaConfBaseException, layer: str) -> ConfigError:
 def compose(
     overrides: Sequence[str] = (),
     *,
-    root: Path | None = None,
+    root: Presets = None,
     which: Callable[[str], str | None] = shutil.which,
     environ: Mapping[str, str] = os.environ,
     now: Callable[[], float] = time.time,
@@ -193,7 +207,7 @@ StrategyVariants = Callable[[Sequence[str]], dict[str, Config | ConfigError]]
 def compose_strategies(
     overrides: Sequence[str],
     *,
-    root: Path | None = None,
+    root: Presets = None,
     which: Callable[[str], str | None] = shutil.which,
     environ: Mapping[str, str] = os.environ,
 ) -> tuple[Config, str, StrategyVariants]:
@@ -237,11 +251,11 @@ def _with_strategy(cfg: Config, name: str, data: dict[str, Any]) -> Config | Con
         return ConfigError(f"strategy={name}: {err}")
 
 
-def _compose(overrides: Sequence[str], *, root: Path | None, which: Callable[[str], str | None],
-             environ: Mapping[str, str], now: Callable[[], float]) -> tuple[Config, tuple[str, Any, Any, Path]]:
+def _compose(overrides: Sequence[str], *, root: Presets, which: Callable[[str], str | None],
+             environ: Mapping[str, str], now: Callable[[], float]) -> tuple[Config, tuple[str, Any, Any, SearchPath]]:
     """The config, and how its strategy section was made: the preset's name, the strategy keys the
     experiment and the command line set, and the configs folder."""
-    root = root or configs_dir()
+    root = _search(root)
     choices: dict[str, str] = {}
     dotted: list[tuple[str, Any]] = []
     exp = "tiny_cpu"
@@ -263,14 +277,15 @@ def _compose(overrides: Sequence[str], *, root: Path | None, which: Callable[[st
             raise ConfigError(f"unknown key '{key}'{hint} (top-level keys: {', '.join(valid_top)})")
 
     exp_data = _load_yaml("exp", exp, root)
+    exp_file = root.find("exp", exp)
     picks = exp_data.pop("defaults", {}) or {}
     for key in exp_data:
         if key not in SECTIONS:
-            raise ConfigError(f"configs/exp/{exp}.yaml: unknown section '{key}'"
+            raise ConfigError(f"{exp_file}: unknown section '{key}'"
                               f"{did_you_mean(key, SECTIONS)} (sections: defaults, {', '.join(SECTIONS)})")
     for group in picks:
         if group not in GROUPS:
-            raise ConfigError(f"configs/exp/{exp}.yaml: defaults.{group} is not a preset group "
+            raise ConfigError(f"{exp_file}: defaults.{group} is not a preset group "
                               f"({', '.join(GROUPS)})")
     picks = {"model": "tiny", "strategy": "ddp", "cluster": "auto", **picks, **choices}
     picks["cluster"] = resolve_cluster(str(picks["cluster"]), which, environ)
@@ -282,7 +297,7 @@ def _compose(overrides: Sequence[str], *, root: Path | None, which: Callable[[st
     for key, value in dotted:
         _set_dotted(cli, key, value)
 
-    layers = [("presets", presets), (f"configs/exp/{exp}.yaml", exp_data), ("the command line", cli)]
+    layers = [("presets", presets), (str(exp_file), exp_data), ("the command line", cli)]
     merged: dict[str, Any] = {"exp": exp}
     for _, data in layers:
         check_keys(data, Config, "")

@@ -7,7 +7,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from hpc.config import ConfigError, available
+from hpc.config import ConfigError
+from hpc.config.presets import search_path
 from hpc.config.compose import compose_strategies
 from hpc.config.deepspeed_check import check_at_submit
 from hpc.estimate.check import check_fit
@@ -36,13 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     wait.add_argument("--wait", dest="wait", action="store_true", default=None,
                       help="wait for the job and print its result (default for cluster=local)")
     wait.add_argument("--no-wait", dest="wait", action="store_false")
-    parser.add_argument("--list", action="store_true", help="list experiments and presets")
+    parser.add_argument("--list", action="store_true", help="list every preset, the folder it is read from and any it shadows")
     return parser
 
 
 def _list() -> str:
-    return "\n".join(f"{group:9} {' '.join(available(group))}"
-                     for group in ("exp", "model", "strategy", "cluster"))
+    return search_path().listing()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,12 +10,14 @@ from pathlib import Path
 import jinja2
 
 from hpc.config import Config
+from hpc.config.presets import shipped_dir
 
 
 def templates_dir() -> Path:
-    """The templates/ folder: $HPC_TEMPLATE_DIR, else the one beside the hpc package."""
+    """The templates folder: $HPC_TEMPLATE_DIR, else the shipped one (in the installed package, or
+    the checkout's templates/)."""
     env = os.environ.get("HPC_TEMPLATE_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "templates"
+    return Path(env) if env else shipped_dir("templates")
 
 
 def _environment() -> jinja2.Environment:

@@ -233,14 +233,14 @@ def target_from_preset(source_config_yaml: str, strategy: str, world_size: int,
     the config the converted step records."""
     import yaml
 
-    from hpc.config.compose import _load_yaml, _parse_value, _set_dotted, _to_config, configs_dir, parse_overrides
+    from hpc.config.compose import _load_yaml, _parse_value, _set_dotted, _to_config, parse_overrides
     from hpc.config.compose import to_yaml
 
     data = yaml.safe_load(source_config_yaml) if source_config_yaml else {}
     if not isinstance(data, dict):
         data = {}
     try:
-        preset = _load_yaml("strategy", strategy, configs_dir())
+        preset = _load_yaml("strategy", strategy, None)  # the search path, as at submit
     except Exception as err:  # noqa: BLE001 - ConfigError names the choices
         raise CheckpointError(f"--strategy {strategy}: {err}") from None
     old = data.get("strategy") or {}
