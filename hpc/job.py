@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpc.config import Config
+from hpc.config.loggers import require_logger_packages
 from hpc.launch.environment import JobEnv, detect
 from hpc.launch.extensions import prepare_extension_builds
 from hpc.launch.preflight import run_preflight, scratch_path
@@ -69,6 +70,8 @@ def main(cfg: Config, run_dir: str) -> dict[str, Any]:
 
 
 def _run(cfg: Config, env: JobEnv, supervisor: Supervisor, run_dir: Path) -> dict[str, Any]:
+    # Before the process group, on every rank: a logger's missing package stops every rank at once.
+    require_logger_packages(cfg.train.loggers, sys.executable)
     if cfg.strategy.name == "deepspeed":
         # Again here, not only at submit: the job's environment may have another DeepSpeed. Before
         # the process group, so a bad key costs seconds, not a rendezvous timeout on other ranks.

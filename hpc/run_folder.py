@@ -4,6 +4,9 @@
         config.yaml                   the resolved config, written at submit, read by the job and status
         submitit/                     submitit's folder: batch script, pickles, per-task logs
         metrics.jsonl                 one JSON line per logged step (rank 0)
+        tensorboard/                  TensorBoard event files, one per start (train.loggers)
+        wandb/                        W&B's run folders (offline-run-*: `wandb sync` uploads them);
+        wandb/hpc-run-id              the W&B run id every restart of this run continues
         checkpoints/step-N/           committed checkpoints, unless checkpoint.dir says elsewhere
         requeue/history.jsonl         one JSON line per run outcome: started, requeued, gave_up, finished
         requeue/ranks/<job>.<restart>/rank-R.json   each rank's record of one run
@@ -44,6 +47,15 @@ class RunFolder:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def wandb_id(self) -> Path:
+        """W&B makes its wandb/ in the `dir` it is given: the run folder."""
+        return self.root / "wandb" / "hpc-run-id"
 
     @property
     def checkpoints(self) -> Path:

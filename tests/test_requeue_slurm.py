@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from checkpoint_jobs import assert_bitwise_equal, saved_state
+from dashboards import tensorboard_scalars, wandb_starts
 from hpc import slurm
 from slurm_jobs import SCRATCH, Run, submit, wait_for
 
@@ -32,6 +33,8 @@ STEPS = 80
 LIMITED = ["exp=tiny_cpu", "nodes=2", "gpus_per_node=1", f"train.max_steps={STEPS}", "train.log_every=10",
            "time=1", "requeue.lead_s=20"]
 SLOW = "slow@step_end:ms=600"
+DASHBOARDS = ["train.loggers=[jsonl,tensorboard,wandb]"]
+"""The `budget` run (a requeue, then a resubmission) also logs to TensorBoard and W&B (offline)."""
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,7 @@ def limited_runs(cluster_env: dict[str, str], tmp_path_factory: pytest.TempPathF
     return {name: Run(cluster_env, root / name,
                       submit(cluster_env, *LIMITED, f"run.root={root}", f"run.name={name}", *extra,
                              "--no-wait", faults=SLOW))
-            for name, extra in (("timeout", []), ("budget", ["requeue.max_requeues=1"]))}
+            for name, extra in (("timeout", []), ("budget", ["requeue.max_requeues=1", *DASHBOARDS]))}
 
 
 def _timeline(run: Run) -> list[dict[str, Any]]:
@@ -103,11 +106,20 @@ def test_a_spent_timeout_budget_stops_with_a_message_and_a_checkpoint_to_resubmi
     print("measured lead:", measured)
 
     again = Run(cluster_env, run.dir, submit(cluster_env, *LIMITED, "time=5", f"run.root={run.dir.parent}",
-                                             "run.name=budget", "--no-wait"))
+                                             "run.name=budget", *DASHBOARDS, "--no-wait"))
     assert again.job_id != run.job_id
     assert again.wait(300) == "COMPLETED", again.explain()
     assert f"resumed from step {step}, restart 0, reason: resubmitted" in again.log(), again.explain()
     assert again.events("finished")[-1]["step"] == STEPS
+
+    # Three starts (submitted, requeued, resubmitted), one W&B run and one TensorBoard curve.
+    metrics = {m["step"]: m for m in map(json.loads, (run.dir / "metrics.jsonl").read_text().splitlines())}
+    starts = wandb_starts(run.dir)
+    assert len(starts) == 3 and len({s.run_id for s in starts}) == 1, [(s.folder, s.run_id) for s in starts]
+    assert {h["_step"]: h["train/loss"] for s in starts for h in s.history} == {k: m["loss"] for k, m in metrics.items()}
+    board = tensorboard_scalars(run.dir / "tensorboard")
+    assert board["train/loss"] == pytest.approx({k: m["loss"] for k, m in metrics.items()}, rel=1e-6)
+    assert max(board["train/loss"]) == STEPS
 
 
 def test_preemption_by_usr2_then_sigterm_saves_requeues_and_completes(

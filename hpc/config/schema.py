@@ -13,6 +13,7 @@ from typing import Any
 
 from hpc.config.cluster import ClusterConfig
 from hpc.config.launch import LaunchConfig
+from hpc.config.loggers import WandbConfig, check_loggers
 from hpc.config.requeue import RequeueConfig
 from hpc.config.slurm import SlurmConfig
 from hpc.config.errors import (
@@ -170,8 +171,16 @@ class TrainConfig:
     """Clip the global gradient norm to this; 0 disables clipping."""
     log_every: int = 10
     """Write a metrics line every this many steps."""
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Where rank 0 sends each metrics record: jsonl (`<run folder>/metrics.jsonl`, always on),
+    tensorboard (event files in `<run folder>/tensorboard/`, `pip install 'hpc[tensorboard]'`), wandb
+    (Weights & Biases, `train.wandb`, `pip install 'hpc[wandb]'`). A logger that cannot start stops
+    the job at start-up with the reason; one that fails later is dropped with a warning and
+    training goes on."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
+        check_loggers(self.loggers)
         for key in ("max_steps", "micro_batch_size", "grad_accum", "seq_len", "log_every"):
             require_positive(f"train.{key}", getattr(self, key))
         require_positive("train.warmup_steps", self.warmup_steps, 0)

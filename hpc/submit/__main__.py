@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -11,6 +12,7 @@ from hpc.config import ConfigError
 from hpc.config.presets import search_path
 from hpc.config.compose import compose_strategies
 from hpc.config.deepspeed_check import check_at_submit
+from hpc.config.loggers import require_logger_packages
 from hpc.estimate.check import check_fit
 from hpc.submit.backend import SubmitError, submit
 from hpc.run_folder import RunFolder
@@ -59,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if fit.problem:
             print(f"warning: {fit.problem}", file=sys.stderr)
         plan = build_plan(cfg, measured_lead=RunFolder(run_dir_of(cfg)).read_measured_lead())
+        if shlex.split(plan.python) == [sys.executable]:  # the job's python is this one: ask it now
+            require_logger_packages(cfg.train.loggers, plan.python)
         # DeepSpeed's own parser, in the job's python (a subprocess: no torch here), before anything
         # is written or queued.
         ds_config = check_at_submit(plan.config, plan.python)

@@ -22,11 +22,11 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from hpc.config import Config
+from hpc.config import Config, ConfigError
 from hpc.faults import fault_point
-from hpc.run_folder import RunFolder
 from hpc.train.data import GlobalBatches, batches_for
-from hpc.train.metrics import Meter, MetricsLog, StepMetrics
+from hpc.train.loggers import Loggers, open_loggers
+from hpc.train.metrics import Meter, StepMetrics
 from hpc.train.optim import lr_at, set_lr
 from hpc.train.rng import seed_rank_streams
 from hpc.train.strategies import Engine, World, build_engine
@@ -105,6 +105,23 @@ def _agree(loss: torch.Tensor, mask: int, world_size: int, save: bool = False) -
     return float(packed[0]) / world_size, agreed, bool(packed[1 + STOP_BITS] > 0)
 
 
+def _open_loggers_together(cfg: Config, world: World, run_dir: Path | None, step: int) -> Loggers:
+    """Rank 0 opens the run's loggers; when it cannot, every rank raises the same error at once
+    (rather than the others waiting in the first step's collectives for rank 0, which is gone)."""
+    error = None
+    try:
+        loggers = open_loggers(cfg, run_dir if world.rank == 0 else None, start_step=step)
+    except ConfigError as err:
+        error, loggers = err, Loggers([])
+    if world.world_size > 1 and set(cfg.train.loggers) - {"jsonl"}:
+        failed = [str(error) if error else None]
+        dist.broadcast_object_list(failed, src=0)
+        error = ConfigError(failed[0]) if failed[0] else None
+    if error is not None:
+        raise error
+    return loggers
+
+
 def train(cfg: Config, world: World, *, run_dir: Path | None = None,
           stop: StopSource | threading.Event | None = None, engine: Engine | None = None,
           sharded_init: bool | None = None, checkpoints: Checkpoints | None = None) -> TrainResult:
@@ -114,7 +131,6 @@ def train(cfg: Config, world: World, *, run_dir: Path | None = None,
     train_cfg = cfg.train
     batches = batches_for(cfg, world.rank, world.world_size)
     meter = Meter(cfg, world.world_size, world.device)
-    metrics_log = MetricsLog(RunFolder(run_dir).metrics if run_dir is not None and world.rank == 0 else None)
     result = TrainResult(steps=0, stopped_early=False)
     if world.rank == 0:
         log.info("%s: %.1f M parameters, %.1f MB on this rank; global batch %d x %d tokens",
@@ -124,38 +140,42 @@ def train(cfg: Config, world: World, *, run_dir: Path | None = None,
     seed_rank_streams(train_cfg.seed, world.rank)
     step = checkpoints.restore(engine, batches) if checkpoints is not None else 0
     result.start_step = step
-    while step < train_cfg.max_steps:
-        started = time.perf_counter()
-        micro_batches = batches.next_step()
-        lr = lr_at(step, train_cfg)
-        set_lr(engine.optimizer, lr)
-        loss_sum = torch.zeros((), device=world.device)
-        for i, (inputs, targets) in enumerate(micro_batches):
-            inputs, targets = inputs.to(world.device, non_blocking=True), targets.to(world.device, non_blocking=True)
-            loss_sum += engine.forward_backward(inputs, targets, sync=i == len(micro_batches) - 1)
-        grad_norm = engine.step()
-        # A fault's stop counts as 'other' (bit 3, hpc.requeue.signals.OTHER).
-        mask = _poll(stop) | (8 if fault_point("step_end", step=step + 1, rank=world.rank) else 0)
-        # Asked before the all-reduce, so that a save on rank 0's clock needs no collective of its own.
-        vote = checkpoints is not None and checkpoints.due(step + 1)
-        loss, agreed, due = _agree(loss_sum / len(micro_batches), mask, world.world_size, vote)
-        stop_now = agreed != 0
-        if stop_now and stop is not None and not isinstance(stop, threading.Event):
-            stop.agreed(agreed)
-        step += 1
-        meter.add(time.perf_counter() - started)
-        result.losses.append(loss)
-        if step % train_cfg.log_every == 0 or step == train_cfg.max_steps or stop_now:
-            record = meter.record(step, loss, lr, grad_norm, batches.consumed_samples)
-            result.records.append(record)
-            if world.rank == 0:
-                metrics_log.write(record)
-                log.info(record.line(train_cfg.max_steps))
-        if checkpoints is not None and (stop_now or step == train_cfg.max_steps or due):
-            checkpoints.save(step, engine, batches)
-        if stop_now:
-            result.stopped_early = step < train_cfg.max_steps
-            break
+    # Rank 0's dashboards, opened before the first step: one that cannot start stops the job now.
+    loggers = _open_loggers_together(cfg, world, run_dir, step)
+    with loggers:
+        while step < train_cfg.max_steps:
+            started = time.perf_counter()
+            micro_batches = batches.next_step()
+            lr = lr_at(step, train_cfg)
+            set_lr(engine.optimizer, lr)
+            loss_sum = torch.zeros((), device=world.device)
+            for i, (inputs, targets) in enumerate(micro_batches):
+                inputs = inputs.to(world.device, non_blocking=True)
+                targets = targets.to(world.device, non_blocking=True)
+                loss_sum += engine.forward_backward(inputs, targets, sync=i == len(micro_batches) - 1)
+            grad_norm = engine.step()
+            # A fault's stop counts as 'other' (bit 3, hpc.requeue.signals.OTHER).
+            mask = _poll(stop) | (8 if fault_point("step_end", step=step + 1, rank=world.rank) else 0)
+            # Asked before the all-reduce, so that a save on rank 0's clock needs no collective of its own.
+            vote = checkpoints is not None and checkpoints.due(step + 1)
+            loss, agreed, due = _agree(loss_sum / len(micro_batches), mask, world.world_size, vote)
+            stop_now = agreed != 0
+            if stop_now and stop is not None and not isinstance(stop, threading.Event):
+                stop.agreed(agreed)
+            step += 1
+            meter.add(time.perf_counter() - started)
+            result.losses.append(loss)
+            if step % train_cfg.log_every == 0 or step == train_cfg.max_steps or stop_now:
+                record = meter.record(step, loss, lr, grad_norm, batches.consumed_samples)
+                result.records.append(record)
+                if world.rank == 0:
+                    loggers.write(record)
+                    log.info(record.line(train_cfg.max_steps))
+            if checkpoints is not None and (stop_now or step == train_cfg.max_steps or due):
+                checkpoints.save(step, engine, batches)
+            if stop_now:
+                result.stopped_early = step < train_cfg.max_steps
+                break
     if checkpoints is not None:
         checkpoints.finish()
     result.steps = step
