@@ -7,8 +7,9 @@ import json
 import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from hpc.config import ConfigError
+from hpc.config import Config, ConfigError
 from hpc.config.presets import search_path
 from hpc.config.compose import compose_strategies
 from hpc.config.deepspeed_check import check_at_submit
@@ -47,6 +48,23 @@ def _list() -> str:
     return search_path().listing()
 
 
+def _check_token_file(cfg: Config) -> None:
+    """A token file whose sidecar (tools/make_tokens.py) is readable here and names a vocabulary
+    larger than the model's is refused now, not after the job waited in the queue (the job checks
+    again: the file may be on storage only the nodes see)."""
+    if cfg.data.source != "tokens" or not cfg.data.path:
+        return
+    try:
+        meta = json.loads(Path(cfg.data.path + ".json").read_text())
+        vocab = int(meta["vocab_size"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError(f"data.path={cfg.data.path}: its tokenizer's vocab_size={vocab} is larger than "
+                          f"model.vocab_size={cfg.model.vocab_size}; ids past the embedding table would crash "
+                          f"the model: set model.vocab_size={vocab} or more")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)  # options may come between the overrides
     if args.list:
@@ -63,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = build_plan(cfg, measured_lead=RunFolder(run_dir_of(cfg)).read_measured_lead())
         if shlex.split(plan.python) == [sys.executable]:  # the job's python is this one: ask it now
             require_logger_packages(cfg.train.loggers, plan.python)
+        _check_token_file(cfg)
         # DeepSpeed's own parser, in the job's python (a subprocess: no torch here), before anything
         # is written or queued.
         ds_config = check_at_submit(plan.config, plan.python)

@@ -14,14 +14,16 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from hpc.config.errors import ConfigError
 from hpc.config.schema import Config, DataConfig
 
 DTYPES = {"uint16": np.dtype(np.uint16), "uint32": np.dtype(np.uint32)}
 MAKE_TOKENS = "python tools/make_tokens.py OUT.bin TEXT_DIR"
 
 
-class DataError(ValueError):
-    """A token source or data position cannot be used; the message names the file and the fix."""
+class DataError(ConfigError):
+    """A token source or data position cannot be used; the message names the file and the fix. A
+    ConfigError: found while a job sets up, it is not requeued (a rerun would meet it again)."""
 
 
 def _require_seed(seed: int) -> None:
