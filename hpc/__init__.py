@@ -16,7 +16,7 @@ stage and the stages above it in this table (tests/test_architecture.py holds th
     checkpoint  checkpoint/    save -> scratch -> upload -> commit; restore; formats; storage
     requeue     requeue/       signal flags, budgets, timelines, deadlines, hand-back to SLURM
     bench       bench/         benchmarks on local ranks: strategies, checkpoints, the GPU check
-    status      status.py      `python -m hpc.status RUN`
+    status      status/        `python -m hpc.status RUN`: the text view, --plot, --watch
     job         job.py         the job's entry point: launch -> train (+ checkpoints) -> requeue
 
 Where one stage needs another through a narrow surface, the one that asks owns a small Protocol:

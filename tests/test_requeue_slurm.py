@@ -120,6 +120,13 @@ def test_a_spent_timeout_budget_stops_with_a_message_and_a_checkpoint_to_resubmi
     board = tensorboard_scalars(run.dir / "tensorboard")
     assert board["train/loss"] == pytest.approx({k: m["loss"] for k, m in metrics.items()}, rel=1e-6)
     assert max(board["train/loss"]) == STEPS
+    # The picture of it: three segments, the restarts marked by reason.
+    png = run.dir / "run.png"
+    plotted = subprocess.run([os.sys.executable, "-m", "hpc.status", str(run.dir), "--plot", str(png)],
+                             capture_output=True, text=True, timeout=120, env=cluster_env)
+    assert plotted.returncode == 0, plotted.stderr
+    assert "in 3 segment(s), restarts: resubmitted 1, timeout 1" in plotted.stderr, plotted.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_preemption_by_usr2_then_sigterm_saves_requeues_and_completes(

@@ -66,3 +66,70 @@ def test_eta_counts_the_requeues_the_time_limit_forces() -> None:
     # Enough time left in this run: no requeue.
     assert status._eta(cfg, _state(ends_at=1000.0 + 600), now=1000.0)["requeues"] == 0
     assert status._eta(cfg, _state(step=1000), now=1000.0) is None
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk, after checking the signature."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path} is not a PNG"
+    assert data[-8:-4] == b"IEND", f"{path} is cut short"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_plot_draws_every_start_of_a_run_with_restarts(finished_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "done"
+    shutil.copytree(finished_run, run)
+    # A resubmission that resumes from step 3 (not the newest, 6) and trains on to 9: steps 4-6 twice.
+    ok(submit(tmp_path, "done", "train.max_steps=9", "checkpoint.every_steps=3", "checkpoint.resume=3"))
+    png = tmp_path / "pictures" / "run.png"
+    proc = subprocess.run([sys.executable, "-m", "hpc.status", str(run), "--plot", str(png)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {png}: 12 records in 2 segment(s), restarts: resubmitted 1" in proc.stderr
+    assert "progress    step 9 of 9" in proc.stdout  # the text view as well
+    assert _png_size(png) == (1000, 800)
+
+
+def test_plot_of_a_run_with_no_metrics_yet_says_so(finished_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "empty"
+    shutil.copytree(finished_run, run)
+    (run / "metrics.jsonl").unlink()
+    proc = subprocess.run([sys.executable, "-m", "hpc.status", str(run), "--plot", str(tmp_path / "x.png")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode != 0 and "has no records to plot yet" in proc.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_segments_follow_the_starts_and_steps_that_go_back() -> None:
+    from hpc.status.plot import segments
+
+    records = [{"step": s, "time": t} for s, t in ((1, 10), (2, 11), (3, 12), (2, 30), (3, 31), (4, 50))]
+    starts = [{"at": 5}, {"at": 25}]
+    assert [[r["step"] for r in part] for part in segments(records, starts)] == [[1, 2, 3], [2, 3, 4]]
+    # No start on record between them (a history lost): a step going back still splits.
+    assert [[r["step"] for r in part] for part in segments(records, [])] == [[1, 2, 3], [2, 3, 4]]
+
+
+def test_watch_shows_the_view_until_the_job_ends(finished_run: Path) -> None:
+    import io
+
+    from hpc.status.__main__ import watch
+
+    states = iter(["PENDING", "RUNNING", "REQUEUED", "RUNNING", "COMPLETED"])
+    real = status.gather(finished_run)
+    sleeps: list[float] = []
+    out = io.StringIO()
+    final = watch(finished_run, 2.5, out, look=lambda run: {**real, "state": next(states)}, sleep=sleeps.append,
+                  clear=False)
+    assert final["state"] == "COMPLETED" and sleeps == [2.5] * 4
+    views = out.getvalue().split("\n\n")
+    assert len(views) == 5 and all(v.startswith("run ") for v in views)
+    assert "every 2.5 s, Ctrl-C to leave" in views[0] and "Ctrl-C" not in views[-1]
+    # On a finished run the command shows one view and returns.
+    proc = subprocess.run([sys.executable, "-m", "hpc.status", str(finished_run), "--watch", "1"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.count("run         ") == 1, proc.stdout

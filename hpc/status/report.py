@@ -1,21 +1,13 @@
-"""`python -m hpc.status RUN`: where a run stands, from its run folder and SLURM (no torch).
-
-    RUN   a run folder, or a SLURM job id (its folder is found through `scontrol show job`)
-
-Shows the job and its state, restarts by reason, the last committed checkpoint and when, the latest
-throughput, and an ETA to train.max_steps that counts the requeues still ahead. `--json` prints
-the same as one JSON object.
-"""
+"""Where a run stands, from its run folder and SLURM (no torch): the job and its state, restarts by
+reason, the last committed checkpoint and when, the latest throughput, and an ETA to
+train.max_steps that counts the requeues still ahead."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -212,22 +204,3 @@ def timeline_table(rows: list[dict[str, Any]]) -> str:
              *("-" if r.get(p) is None else f"{r[p]:.2f}" for p in PHASES)] for r in rows]
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in [head, *body])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hpc.status", description=__doc__.split("\n")[0])
-    parser.add_argument("run", help="run folder or SLURM job id")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
-    try:
-        run_dir = find_run_dir(args.run)
-        status = gather(run_dir)
-    except (StatusError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    sys.stdout.write(json.dumps(status, indent=2) + "\n" if args.json else render(status))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
