@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from hpc.config import Config, ConfigError, available, compose, from_yaml, to_yaml
@@ -156,3 +158,36 @@ def test_a_broken_preset_file_names_itself(tmp_path) -> None:
     (tmp_path / "exp" / "bad.yaml").write_text("defaults: {model: tiny}\n")
     with pytest.raises(ConfigError, match=r"model/tiny.yaml: cannot read"):
         compose(["exp=bad"], root=tmp_path, **NO_SBATCH)
+
+
+@pytest.mark.parametrize("exp", available("exp"))
+def test_the_direct_build_gives_what_omegaconf_gives(exp: str, monkeypatch) -> None:
+    """compose builds the dataclasses directly when every value has its field's type; OmegaConf's
+    merge (the schema's conversions) must give the same Config for every shipped experiment, every
+    strategy preset, and overrides of every kind."""
+    import importlib
+
+    module = importlib.import_module("hpc.config.compose")  # the module (hpc.config.compose is also the function)
+
+    overrides = [[], ["train.lr=1", "cluster.modules=[a,b]", "cluster.nccl.env={X: y}", "train.loggers=[wandb]",
+                      "strategy.deepspeed={zero_optimization: {reduce_bucket_size: 5e7}}"],
+                 ["slurm.account=123"], ["train.max_steps=true"]]  # converted, refused: OmegaConf's either way
+    cases = [[f"exp={exp}", *extra] for extra in overrides]
+    cases += [[f"exp={exp}", f"strategy={s}"] for s in available("strategy")]
+    direct = {}
+    for case in cases:
+        try:
+            direct[tuple(case)] = compose(case, **NO_SBATCH)
+        except ConfigError as err:
+            direct[tuple(case)] = str(err)
+    monkeypatch.setattr(module, "_build_exact", lambda cls, data: module._MISMATCH)
+    for case in cases:
+        try:
+            via_omegaconf = compose(case, **NO_SBATCH)
+        except ConfigError as err:
+            via_omegaconf = str(err)
+        ours = direct[tuple(case)]
+        if isinstance(ours, str) or isinstance(via_omegaconf, str):
+            assert ours == via_omegaconf, case
+        else:
+            assert dataclasses.replace(ours, run=via_omegaconf.run) == via_omegaconf, case  # run.name has the time

@@ -13,23 +13,27 @@ Presets are read from a search path (./configs, $HPC_CONFIG_PATH, the shipped on
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import os
 import re
 import shutil
 import time
+import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from hpc.config.errors import ConfigError, did_you_mean, unknown_choice
 from hpc.config.presets import SearchPath, search_path, shipped_dir
 from hpc.config.schema import Config, StrategyConfig
+
+if TYPE_CHECKING:  # OmegaConf is imported only when a value needs its conversion or its error
+    from omegaconf.errors import OmegaConfBaseException
 
 # Preset groups: a bare `model=NAME` picks configs/model/NAME.yaml.
 GROUPS = ("model", "strategy", "cluster")
@@ -333,7 +337,19 @@ def _layer_of(full_key: str, layers: Sequence[tuple[str, Mapping[str, Any]]]) ->
 
 
 def _to_config(data: Mapping[str, Any], layers: Sequence[tuple[str, Mapping[str, Any]]] = ()) -> Config:
-    """Type-check and convert a plain dict onto the schema in one OmegaConf merge, then freeze it."""
+    """Type-check and convert a plain dict onto the schema, then freeze it.
+
+    Every value already of its field's type (what YAML presets and typed overrides give) is built
+    into the dataclasses directly; anything else (a value to convert, such as `account=123` for a
+    text field, or one to refuse) goes through one OmegaConf merge, whose conversions and errors
+    are the schema's rules. The direct path is a tenth of the time: the login node's dry run is
+    dominated by it otherwise."""
+    built = _build_exact(Config, data)
+    if built is not _MISMATCH:
+        return built  # type: ignore[return-value]
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     base = OmegaConf.structured(Config)
     OmegaConf.set_readonly(base, False)
     try:
@@ -342,6 +358,55 @@ def _to_config(data: Mapping[str, Any], layers: Sequence[tuple[str, Mapping[str,
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         raise _type_error(err, _layer_of(key, layers)) from None
+
+
+_MISMATCH = object()
+"""_build_exact's answer for data it does not take as it is (OmegaConf decides instead)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build_exact(cls: type, data: Any) -> Any:
+    """The dataclass `cls` from `data` when every value has exactly its field's type (an int is
+    taken for a float), else _MISMATCH. Keys were checked before (check_keys)."""
+    if not isinstance(data, Mapping):
+        return _MISMATCH
+    hints = _hints(cls)
+    values = {}
+    for name, value in data.items():
+        value = _exact(hints[name], value)
+        if value is _MISMATCH:
+            return _MISMATCH
+        values[name] = value
+    return cls(**values)
+
+
+def _exact(hint: Any, value: Any) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build_exact(hint, value)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is types.UnionType or origin is typing.Union:  # X | None
+        return None if value is None and type(None) in args else _exact(args[0], value)
+    if hint is Any:
+        return copy.deepcopy(value)
+    if origin is list:
+        items = [_exact(args[0], v) for v in value] if isinstance(value, list) else [_MISMATCH]
+        return _MISMATCH if any(v is _MISMATCH for v in items) else items
+    if origin is dict:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            return _MISMATCH
+        items = {k: _exact(args[1], v) for k, v in value.items()}
+        return _MISMATCH if any(v is _MISMATCH for v in items.values()) else items
+    if hint is float and type(value) in (int, float):
+        return float(value)
+    if type(value) is not hint:  # bool is not taken for int, nor int for str
+        return _MISMATCH
+    if hint is str and "${" in value:  # an interpolation: OmegaConf's to resolve
+        return _MISMATCH
+    return value
 
 
 def to_yaml(cfg: Config) -> str:

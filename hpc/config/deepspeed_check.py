@@ -29,6 +29,9 @@ CHECK_TIMEOUT_S = 180
 """Seconds the submit-time check may take (importing torch + deepspeed from a cold shared disk is slow)."""
 EXIT_INVALID = 2
 EXIT_NO_DEEPSPEED = 3
+EXIT_NOT_HPC = 4
+HPC_REQUIREMENTS = ("omegaconf", "submitit", "yaml", "jinja2")
+"""Modules every interpreter that runs hpc has (pyproject.toml): one without them is not the job's."""
 MAX_LISTED = 15
 """Valid keys listed in an error when a did-you-mean already points at one."""
 DOCS = "https://www.deepspeed.ai/docs/config-json/"
@@ -351,6 +354,15 @@ def main() -> int:
     if not isinstance(ds, dict):
         print(f"{PREFIX}: expected a JSON object of DeepSpeed keys", file=sys.stderr)
         return EXIT_INVALID
+    try:
+        # An interpreter without hpc's own requirements is not the job's environment (the system
+        # python3 that the job's venv replaces): it cannot say which DeepSpeed the job will have,
+        # and the submit checks with its own python instead (_CannotRun).
+        for module in HPC_REQUIREMENTS:
+            importlib.import_module(module)
+    except ImportError as err:
+        print(_one_line(f"{type(err).__name__}: {err}"), file=sys.stderr)
+        return EXIT_NOT_HPC
     try:
         # A missing deepspeed is the environment's problem, not a typo: its own exit status.
         importlib.import_module("deepspeed")
