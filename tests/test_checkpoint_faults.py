@@ -89,10 +89,15 @@ def test_corrupt_and_truncated_shards_fall_back_to_an_older_step(tmp_path: Path,
     text = asked.stdout + asked.stderr + rank0_log(tmp_path / "run")
     assert f"step-20 does not verify: file {corrupt.name}: checksum" in text, text[-3000:]
 
-    out = ok(submit(tmp_path, "run", *EVERY_5))
+    resumed = submit(tmp_path, "run", *EVERY_5)
+    out = ok(resumed)
     log = rank0_log(tmp_path / "run")
     assert f"step-15 skipped: file {truncated.name} has" in log
     assert f"step-20 skipped: file {corrupt.name}: checksum" in log and "falling back to the step before" in log
+    # The waiting client showed them too, not only the job's log file.
+    shown = [line for line in resumed.stderr.splitlines() if re.match(r"job \d+: \S+ \[rank 0 \S+\] WARNING ", line)]
+    assert any(f"step-20 skipped: file {corrupt.name}: checksum" in line for line in shown), resumed.stderr[-3000:]
+    assert any(f"step-15 skipped: file {truncated.name} has" in line for line in shown), resumed.stderr[-3000:]
     assert "(resumed at step 10)" in out
     records = metrics(tmp_path / "run")
     assert [r["loss"] for r in records[-10:]] == straight[10:]

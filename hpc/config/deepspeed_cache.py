@@ -12,9 +12,13 @@ write the same entry, and a reader sees a whole one or none. `HPC_CACHE_DIR=` (e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -28,6 +32,15 @@ PROBE = ("import importlib.util as u, importlib.metadata as m, os, json\n"
          "print(json.dumps([o, m.version('deepspeed'), os.stat(o).st_mtime_ns]) if o else 'null')\n")
 """Run with the job's python: where its deepspeed is and which version, without importing it."""
 PROBE_TIMEOUT_S = 30
+
+
+def probe_here() -> list[Any] | None:
+    """PROBE's answer for this interpreter, without starting another."""
+    namespace: dict[str, Any] = {}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(PROBE, namespace)  # noqa: S102 - our own constant, the same code the subprocess runs
+    return json.loads(out.getvalue())
 _CHECK_CODE = [Path(__file__).with_name(name) for name in ("deepspeed_check.py", "deepspeed.py")]
 
 
@@ -52,10 +65,15 @@ class CheckCache:
         if self.folder is None:
             return None
         try:
-            proc = run([*argv, "-c", PROBE], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
-                       cwd=cwd, env=dict(env))
-            lines = (proc.stdout or "").strip().splitlines()
-            found = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
+            if argv == [sys.executable] and run is subprocess.run:
+                # The job's python is this one: ask here (a second interpreter's start-up is most of
+                # a repeated submit's time).
+                found = probe_here()
+            else:
+                proc = run([*argv, "-c", PROBE], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
+                           cwd=cwd, env=dict(env))
+                lines = (proc.stdout or "").strip().splitlines()
+                found = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
         except Exception:  # noqa: BLE001 - whatever stops the probe is a miss: the check runs and tells
             return None
         if not found:

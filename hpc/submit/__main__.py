@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import time
 import sys
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 from hpc.config import Config, ConfigError
@@ -16,6 +18,7 @@ from hpc.config.deepspeed_check import check_at_submit
 from hpc.config.loggers import require_logger_packages
 from hpc.estimate.check import check_fit
 from hpc.submit.backend import SubmitError, submit
+from hpc.submit.follow import LogFollower
 from hpc.run_folder import RunFolder
 from hpc.submit.plan import build_plan, run_dir_of
 
@@ -65,6 +68,21 @@ def _check_token_file(cfg: Config) -> None:
                           f"the model: set model.vocab_size={vocab} or more")
 
 
+def _wait_showing_warnings(job: Any, run_dir: Path, every_s: float = 1.0) -> None:
+    """Until the job is done, print the warnings and errors its ranks log, as they come (on
+    stderr: stdout keeps the result)."""
+    follower = LogFollower(Path(run_dir), str(job.job_id))
+
+    def show() -> None:
+        for line in follower.new_lines():
+            print(f"job {job.job_id}: {line}", file=sys.stderr, flush=True)
+
+    while not job.done():
+        show()
+        time.sleep(every_s)
+    show()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)  # options may come between the overrides
     if args.list:
@@ -111,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     sys.stdout.flush()
     try:
+        _wait_showing_warnings(job, plan.run_dir)
         result = job.results()[0]  # rank 0's return value
     except Exception as err:  # submitit re-raises the job's failure with its traceback text
         print(f"job {job.job_id} failed: {err}", file=sys.stderr)
