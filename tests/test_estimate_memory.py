@@ -76,9 +76,9 @@ def _cases(precision: str, grad_accum: int = 1, names: tuple[str, ...] = STRATEG
                                     f"train.grad_accum={grad_accum}"] for name in names}
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("world", [2, 4])  # (1 rank is the 2-rank arithmetic without the division: 57 s of suite)
 def test_model_states_are_what_every_rank_of_every_engine_holds(world: int, tmp_path) -> None:
-    """bf16 (the GPU case: DeepSpeed's BF16_Optimizer, FSDP's mixed precision) at every size, and
+    """bf16 (the GPU case: DeepSpeed's BF16_Optimizer, FSDP's mixed precision) at 2 and 4 ranks, and
     DeepSpeed in fp32 (its other optimizer path; DDP and FSDP keep fp32 state either way) with two
     micro-batches per step (ZeRO-1 then holds whole gradients) at 2 ranks, one process group per size."""
     from hpc.bench.harness import run_ranks
