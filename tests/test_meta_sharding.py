@@ -34,7 +34,7 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-@pytest.mark.parametrize("exp,world,shard_group", [("70b_fsdp", 8, 8), ("70b_hsdp", 64, 32)])
+@pytest.mark.parametrize("exp,world,shard_group", [("70b_fsdp", 8, 8), ("70b_hsdp", 128, 64)])
 def test_70b_shards_to_its_group_share_per_rank_without_allocating(fake_world, exp, world, shard_group) -> None:
     nodes = world // 8
     cfg = compose([f"exp={exp}", "cluster=slurm", f"nodes={nodes}", "gpus_per_node=8"],

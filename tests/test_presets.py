@@ -71,6 +71,18 @@ def test_every_shipped_experiment_fits_the_slurm_cluster(exp: str) -> None:
         f"{STATE_SHARE * GPU_BYTES / 1e9:.0f} GB of an 80 GB GPU leaves room for activations")
 
 
+@pytest.mark.parametrize("exp", available("exp"))
+def test_the_planner_lets_every_shipped_experiment_through_on_the_slurm_preset(exp: str) -> None:
+    """What submit checks first (hpc.estimate.check): a shipped experiment it refused could not be
+    submitted as shipped."""
+    from hpc.config.compose import compose_strategies
+    from hpc.estimate.check import check_fit
+
+    cfg, preset, variants = compose_strategies([f"exp={exp}"], **WITH_SBATCH)
+    fit = check_fit(cfg, preset, variants)
+    assert cfg.cluster.name == "slurm" and not fit.refuse and not fit.problem, fit.problem
+
+
 def test_param_count_matches_the_published_sizes() -> None:
     sizes = {name: param_count(compose(["exp=tiny_cpu", f"model={name}"], **WITH_SBATCH).model)
              for name in ("llama2_7b", "llama2_13b", "llama3_8b", "llama3_70b")}
