@@ -54,3 +54,23 @@ def test_readme_demo_command_runs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "rank  local  node" in proc.stdout
     assert "preflight ok: 2 rank(s)" in proc.stdout
+
+
+def test_the_login_benchmark_times_every_shipped_experiment(tmp_path: Path) -> None:
+    """`python -m hpc.bench.login` (the figures are for its reader; here: it runs, every shipped
+    experiment is a row, the JSON holds what the table shows)."""
+    import json
+
+    from hpc.config import available
+
+    out = tmp_path / "login.json"
+    proc = subprocess.run([sys.executable, "-m", "hpc.bench.login", "--repeat", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["exp"] for r in rows] == available("exp")
+    assert {r["exp"] for r in rows if r["deepspeed"]} == {"70b_zero3", "70b_zero3_offload", "7b_zero1"}
+    for row in rows:
+        assert row["median_s"] > 0 and row["baseline_s"] > 0 and len(row["runs_s"]) == 1
+        assert f"{row['exp']:20}" in proc.stdout
