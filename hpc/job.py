@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from hpc.config import Config
 from hpc.config.loggers import require_logger_packages
+from hpc.files import deny_world_write
 from hpc.launch.environment import JobEnv, detect
 from hpc.launch.extensions import prepare_extension_builds
 from hpc.launch.preflight import run_preflight, scratch_path
@@ -42,6 +43,7 @@ def main(cfg: Config, run_dir: str) -> dict[str, Any]:
     from hpc.requeue.supervisor import Supervisor
 
     started = time.perf_counter()
+    deny_world_write()  # scratch, staged and committed checkpoints, records: none writable by others
     env = detect()
     _setup_logging(env)
     # First: from here on the warning signal and SIGTERM only set a flag (and submitit's handlers,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from hpc.checkpoint.manifest import CheckpointError
+from hpc.checkpoint.safe_load import SafeFileSystemReader, deepspeed_loads_safely
 from hpc.checkpoint.staging import FlatStager, rank_share
 from hpc.checkpoint.storage import ALGORITHM, CHUNK, FileEntry, checksum_text, hasher
 from hpc.faults import ENV as FAULTS_ENV
@@ -174,25 +176,27 @@ class StateFormat:
                     f"has {world}, and DeepSpeed checkpoints are bound to their world size. HINT: "
                     f"reshard it for {world} ranks with tools/ckpt_convert, or run with "
                     f"{saved_world_size} ranks")
-            load_path, _ = self.engine.engine.load_checkpoint(
-                str(folder.parent), tag=folder.name, load_optimizer_states=True,
-                load_lr_scheduler_states=False, load_module_strict=True)
+            with deepspeed_loads_safely(self.engine.engine):
+                load_path, _ = self.engine.engine.load_checkpoint(
+                    str(folder.parent), tag=folder.name, load_optimizer_states=True,
+                    load_lr_scheduler_states=False, load_module_strict=True)
             if load_path is None:
                 raise CheckpointError(f"DeepSpeed found no checkpoint in {folder}")
             return
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-        saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+        reader = SafeFileSystemReader(str(folder))  # its .metadata is read as data only
+        saved = reader.read_metadata().state_dict_metadata
         if not any(key.startswith("optim.") for key in saved):
             # A step imported from Hugging Face weights: no optimizer state, AdamW starts afresh.
             model_state = self._dcp_state()["model"]
-            dcp.load({"model": model_state}, checkpoint_id=str(folder), process_group=self.group,
-                     no_dist=not dist.is_initialized())
+            dcp.load({"model": model_state}, storage_reader=SafeFileSystemReader(str(folder)),
+                     process_group=self.group, no_dist=not dist.is_initialized())
             set_model_state_dict(self.engine.model, model_state)
             return
         state = self._dcp_state()
-        dcp.load(state, checkpoint_id=str(folder), process_group=self.group,
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(folder)), process_group=self.group,
                  no_dist=not dist.is_initialized())
         set_state_dict(self.engine.model, self.engine.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
@@ -209,5 +213,13 @@ def save_rng(folder: Path, rank: int, state: dict[str, Any] | None = None) -> No
     torch.save(rng.capture() if state is None else state, path)
 
 
-def load_rng(folder: Path, rank: int) -> None:
-    rng.restore(torch.load(folder / RNG_DIR / f"rank-{rank}.pt", weights_only=False))
+def load_rng(folder: Path, rank: int) -> bool:
+    """Restore this rank's RNG states from the step folder; False (nothing restored) when the file
+    holds anything but tensors, numbers and text: it is never unpickled into objects (an older
+    checkpoint's pickled generator states, or a file planted to run code)."""
+    try:
+        state = torch.load(folder / RNG_DIR / f"rank-{rank}.pt", weights_only=True)
+    except pickle.UnpicklingError:
+        return False
+    rng.restore(state)
+    return True

@@ -362,8 +362,13 @@ class Restorer:
                 f"or resume with the strategy and world size that saved it")
         state_format.load(view, manifest.world_size)
         own_rng = f"{RNG_DIR}/rank-{self.world.rank}.pt"
-        if manifest.world_size == self.world.world_size and any(e.name == own_rng for e in manifest.files):
-            load_rng(view, self.world.rank)
+        same_world = manifest.world_size == self.world.world_size
+        if same_world and any(e.name == own_rng for e in manifest.files):
+            if not load_rng(view, self.world.rank):
+                seed_rank_streams(self.cfg.train.seed, self.world.rank, step=candidate.step)
+                log.warning("rank %d: %s/%s/%s holds pickled objects, which are never loaded (no code from "
+                            "storage runs): random states are seeded afresh for step %d", self.world.rank,
+                            storage.url, folder, own_rng, candidate.step)
         else:
             seed_rank_streams(self.cfg.train.seed, self.world.rank, step=candidate.step)
             if self.world.rank == 0:

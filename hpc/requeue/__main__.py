@@ -27,6 +27,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from hpc.files import deny_world_write
 from hpc.config import from_yaml
 from hpc.requeue import accounting, history, policy, timeline
 from hpc.run_folder import RunFolder
@@ -116,6 +117,7 @@ def _drop_result(run_dir: Path, job_id: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    deny_world_write()  # the records it writes: not writable by other users
     parser = argparse.ArgumentParser(prog="python -m hpc.requeue", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     after = sub.add_parser("after-srun", help="decide about a run whose srun just returned")

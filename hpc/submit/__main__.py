@@ -5,21 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import time
 import sys
+import time
 from collections.abc import Sequence
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from hpc.config import Config, ConfigError
-from hpc.config.presets import search_path
 from hpc.config.compose import compose_strategies
 from hpc.config.deepspeed_check import check_at_submit
 from hpc.config.loggers import require_logger_packages
+from hpc.config.presets import search_path
 from hpc.estimate.check import check_fit
+from hpc.files import deny_world_write
+from hpc.run_folder import RunFolder
 from hpc.submit.backend import SubmitError, submit
 from hpc.submit.follow import LogFollower
-from hpc.run_folder import RunFolder
 from hpc.submit.plan import build_plan, run_dir_of
 
 EPILOG = """\
@@ -84,6 +85,7 @@ def _wait_showing_warnings(job: Any, run_dir: Path, every_s: float = 1.0) -> Non
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    deny_world_write()  # the run folder it makes: not writable by other users
     args = _parser().parse_intermixed_args(argv)  # options may come between the overrides
     if args.list:
         print(_list())

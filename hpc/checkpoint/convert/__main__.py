@@ -106,6 +106,9 @@ def _print_report(report: Any, as_json: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from hpc.files import deny_world_write
+
+    deny_world_write()  # a converted step is read by later jobs: nobody else may write into it
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     from hpc.checkpoint.manifest import CheckpointError

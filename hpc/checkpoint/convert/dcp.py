@@ -58,6 +58,7 @@ from hpc.checkpoint.convert.neutral import (
     split_key,
 )
 from hpc.checkpoint.manifest import CheckpointError
+from hpc.checkpoint.safe_load import UnsafeCheckpoint, load_dcp_metadata
 
 log = logging.getLogger("hpc")
 
@@ -129,7 +130,9 @@ def read_metadata(folder: Path) -> Metadata:
             f"last, after every rank's .distcp files. HINT: use a committed step (one with a manifest.json)")
     try:
         with path.open("rb") as f:
-            metadata = pickle.load(f)
+            metadata = load_dcp_metadata(f, str(path))  # data only: no code from the store runs
+    except UnsafeCheckpoint:
+        raise
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing here
         raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {str(err)[:200]}); "
                               f"the file is truncated or corrupt") from err
