@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 ENV = "HPC_FAULTS"
-POINTS = ("shard_write", "upload", "manifest_write", "step_end")
+POINTS = ("shard_write", "upload", "manifest_write", "step_end", "restore")
 ACTIONS = ("kill", "stop", "slow")
 
 

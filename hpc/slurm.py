@@ -110,6 +110,22 @@ def usable_nodes(partition: str | None = None) -> list[str]:
     return list(dict.fromkeys(nodes))
 
 
+def node_states(nodes: Sequence[str], env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Each node's state as sinfo spells it (idle, mixed, allocated, draining, drained, down, ...),
+    with the reason an admin or SLURM gave, if any: {"n2": "drained (reason: bad GPU)"}."""
+    if not nodes:
+        return {}
+    out = run(["sinfo", "-h", "-N", "-n", ",".join(nodes), "-o", "%N|%T|%E"], env=env)
+    states: dict[str, str] = {}
+    for line in out.splitlines():
+        name, _, rest = line.partition("|")
+        state, _, reason = rest.partition("|")
+        if name and name not in states:
+            reason = reason.strip()
+            states[name] = state.strip() + (f" (reason: {reason})" if reason and reason != "none" else "")
+    return states
+
+
 def job_state(job_id: str, env: Mapping[str, str] | None = None) -> str:
     """The job's state from sacct (needs accounting), e.g. RUNNING, COMPLETED, REQUEUED."""
     out = run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id], env=env)

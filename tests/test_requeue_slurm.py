@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,28 @@ def _timeline(run: Run) -> list[dict[str, Any]]:
     return [e["timeline"] for e in run.events("started") if e["timeline"].get("total") is not None]
 
 
+def _restart_slurmctld(cluster_env: dict[str, str], down_s: float) -> None:
+    """Stop the cluster's slurmctld (SIGTERM, as an admin's restart does), leave it down for
+    `down_s` seconds, and start it again with the project's script (it starts what is missing)."""
+    state = Path(cluster_env.get("HPC_SLURM_STATE", "/var/tmp/hpc-slurm"))
+    pid = int((state / "pids" / "slurmctld.pid").read_text())
+    os.kill(pid, signal.SIGTERM)
+    wait_for("slurmctld to stop", lambda: not Path(f"/proc/{pid}").exists(), 60)
+    time.sleep(down_s)
+    up = subprocess.run([os.sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "slurm_cluster.py"), "up"],
+                        capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0, up.stdout + up.stderr
+
+
 def test_a_run_needing_several_time_limits_completes_bitwise_equal_to_an_uninterrupted_one(
         limited_runs: dict[str, Run], cluster_env: dict[str, str], tmp_path: Path) -> None:
     run = limited_runs["timeout"]
+    # The scheduler restarts while the first run trains: the job trains on (its steps do not need
+    # slurmctld), and the time-limit requeues after it still work (fault matrix: scheduler restart).
+    wait_for("the first run to train", lambda: run.step() >= 10, 240)
+    before = run.step()
+    _restart_slurmctld(cluster_env, down_s=8)
+    assert run.step() > before, "training stopped while slurmctld was down"
     assert run.wait(600) == "COMPLETED", run.explain()
     requeued = run.events("requeued")
     assert len(requeued) >= 2 and {e["reason"] for e in requeued} == {"timeout"}, requeued
@@ -129,30 +149,65 @@ def test_a_spent_timeout_budget_stops_with_a_message_and_a_checkpoint_to_resubmi
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_preemption_by_usr2_then_sigterm_saves_requeues_and_completes(
+def test_signals_that_pile_up_give_one_save_and_one_requeue_each_and_a_drained_node_is_left(
         cluster_env: dict[str, str], tmp_path: Path) -> None:
+    """Fault matrix, signals that pile up: the warning twice, then SIGTERM, all while a periodic save
+    is in flight (uploads slowed); then in the rerun a warning during its restore (slowed). Each
+    pile is one save and one requeue, nothing deadlocks, no step is lost. And a node drained while
+    the first run trains: the run goes on, the requeues land elsewhere, status shows the drain."""
+    faults = "slow@step_end:ms=300,slow@upload:ms=400,slow@restore:ms=4000"
     # A ten-minute limit: a signal this early is a preemption, not the time limit's warning.
     run = Run(cluster_env, tmp_path / "pre",
               submit(cluster_env, "exp=tiny_cpu", "nodes=2", "train.max_steps=60", "train.log_every=5",
-                     "time=10", f"run.root={tmp_path}", "run.name=pre", "--no-wait", faults="slow@step_end:ms=300"))
-    for number, sig in enumerate(("USR2", "TERM"), start=1):
-        wait_for(f"run {number} to train", lambda: run.step() >= 15 * number + 10 * (number - 1), 240)
-        slurm.run(["scancel", f"--signal={sig}", run.job_id], env=cluster_env)
-        wait_for(f"requeue {number}", lambda: len(run.events("requeued")) == number, 120)
-    assert run.wait(300) == "COMPLETED", run.explain()
+                     "checkpoint.every_steps=10", "time=10", f"run.root={tmp_path}", "run.name=pre", "--no-wait",
+                     faults=faults))
+    wait_for("run 1 to train", lambda: run.step() >= 12, 240)
+    first_nodes = run.events("started")[0]["nodes"]
+    drained = first_nodes[1]
+    slurm.run(["scontrol", "update", f"nodename={drained}", "state=drain", "reason=fault-matrix"], env=cluster_env)
+    try:
+        during = subprocess.run([os.sys.executable, "-m", "hpc.status", str(run.dir)], capture_output=True,
+                                text=True, env=cluster_env, cwd=Path(__file__).resolve().parents[1])
+        assert re.search(rf"nodes .*{drained} drain\w* \(reason: fault-matrix\)", during.stdout), during.stdout
+        # Step 20's periodic save starts at step 20; its upload takes seconds. Signals in the middle.
+        wait_for("step 20", lambda: run.step() >= 20, 120, every_s=0.1)
+        for sig in ("USR2", "USR2", "TERM"):
+            slurm.run(["scancel", f"--signal={sig}", run.job_id], env=cluster_env)
+            time.sleep(0.3)
+        wait_for("requeue 1", lambda: len(run.events("requeued")) == 1, 120)
+        # The rerun: a warning while it restores (the restore sleeps 4 s first).
+        # After its preflight the rerun builds the engine (about a second), then restores.
+        wait_for("the rerun's preflight", lambda: run.log().count("preflight ok") >= 2, 240, every_s=0.1)
+        time.sleep(1.5)
+        slurm.run(["scancel", "--signal=USR2", run.job_id], env=cluster_env)
+        wait_for("requeue 2", lambda: len(run.events("requeued")) == 2, 180)
+        assert run.wait(300) == "COMPLETED", run.explain()
+        status = subprocess.run([os.sys.executable, "-m", "hpc.status", run.job_id], capture_output=True,
+                                text=True, env=cluster_env, cwd=Path(__file__).resolve().parents[1])
+        print(status.stdout)
+    finally:
+        slurm.run(["scontrol", "update", f"nodename={drained}", "state=resume"], env=cluster_env, check=False)
+
     requeued = run.events("requeued")
     assert [e["reason"] for e in requeued] == ["preemption", "preemption"], requeued
-    assert [e["stop"]["signals"] for e in requeued] == ["warning signal", "SIGTERM"]
+    # The pile: the first warning stopped the run (at step 20 or just after, the periodic save of
+    # step 20 still uploading); the second and SIGTERM added nothing but their record.
+    assert requeued[0]["stop"]["signals"].startswith("warning signal"), requeued[0]["stop"]
+    assert 20 <= requeued[0]["step"] <= 23, requeued[0]
     started = run.events("started")
     assert [(e["restart"], e["step"]) for e in started[1:]] == [(1, requeued[0]["step"]), (2, requeued[1]["step"])]
+    # The second stop came during the restore: the rerun stopped at its first step boundary.
+    assert requeued[1]["step"] == requeued[0]["step"] + 1, requeued
+    # No step lost: every step's record is there once per run that reached it, the last is step 60.
+    steps = [json.loads(line)["step"] for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 60 and sorted(set(steps)) == sorted(set(steps) & set(range(1, 61)))
+    # The drained node ran no later start.
+    assert all(drained not in e["nodes"] for e in started[1:]), [e["nodes"] for e in started]
     assert "reason: preemption" in run.log()
+    assert status.returncode == 0, status.stderr
+    assert "COMPLETED" in status.stdout and "preemption 2" in status.stdout and "step 60 of 60" in status.stdout
     for timeline in _timeline(run):
         print("signal -> training again:", json.dumps(timeline))
-    status = subprocess.run([os.sys.executable, "-m", "hpc.status", run.job_id], capture_output=True, text=True,
-                            env=cluster_env, cwd=Path(__file__).resolve().parents[1])
-    assert status.returncode == 0, status.stderr
-    print(status.stdout)
-    assert "COMPLETED" in status.stdout and "preemption 2" in status.stdout and "step 60 of 60" in status.stdout
 
 
 def test_a_killed_rank_requeues_the_job_without_its_node_and_it_resumes_from_the_last_commit(

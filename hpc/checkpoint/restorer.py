@@ -41,6 +41,7 @@ from hpc.checkpoint.storage import Storage, open_storage
 from hpc.checkpoint.transfer import ChecksumMismatch, stage_view, upload_step, verify_checksums
 from hpc.config import Config
 from hpc.config.diff import changed_keys
+from hpc.faults import fault_point
 from hpc.train.data import GlobalBatches
 from hpc.train.rng import seed_rank_streams
 from hpc.train.strategies import Engine, World
@@ -353,6 +354,7 @@ class Restorer:
         started = time.perf_counter()
         folder = folder or step_dir(candidate.step)
         view = self.scratch / folder
+        fault_point("restore", step=candidate.step, rank=self.world.rank)
         self._log_config_changes(view)
         reason = conversion_reason(manifest, target_for_job(self.cfg, self.world.world_size))
         if reason is not None:  # only with checkpoint.convert=never

@@ -119,7 +119,18 @@ def gather(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     restarts_s = [e["timeline"]["total"] for e in starts if (e.get("timeline") or {}).get("total")]
     out["restart_s"] = sum(restarts_s) / len(restarts_s) if restarts_s else None
     out["eta"] = _eta(cfg, out, now)
+    out["nodes"] = _nodes_of_latest_start(starts)
     return out
+
+
+def _nodes_of_latest_start(starts: list[dict[str, Any]]) -> dict[str, str]:
+    """The nodes the run last started on and what SLURM says of them now (a node drained or down
+    since is where the next start will not go); empty outside SLURM."""
+    nodes = next((e.get("nodes") for e in reversed(starts) if e.get("nodes")), None) or []
+    try:
+        return slurm.node_states(nodes)
+    except slurm.SlurmError:
+        return {}
 
 
 def _eta(cfg: Config, status: dict[str, Any], now: float) -> dict[str, Any] | None:
@@ -166,6 +177,8 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
     lines.append(f"restarts    {status['restart_count']} ({text}); budgets {budgets}")
     if status["excluded"]:
         lines.append(f"excluded    {', '.join(status['excluded'])}")
+    if status.get("nodes"):
+        lines.append("nodes       " + ", ".join(f"{n} {state}" for n, state in status["nodes"].items()))
     ckpt = status["checkpoint"]
     if ckpt is None:
         lines.append("checkpoint  none committed yet")

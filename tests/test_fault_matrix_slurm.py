@@ -1,0 +1,79 @@
+"""Faults of the fault matrix that need a job of their own on the real local SLURM cluster: the
+batch step's own processes killed (srun, the batch shell). Each asserts that the newest committed
+step before the fault stays intact and what the run and `hpc.status` say afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hpc.checkpoint.manifest import MANIFEST
+from slurm_jobs import Run, submit, wait_for
+
+pytestmark = pytest.mark.slurm
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ["exp=tiny_cpu", "nodes=2", "gpus_per_node=1", "train.max_steps=40", "train.log_every=5",
+       "checkpoint.every_steps=5", "time=10"]
+SLOW = "slow@step_end:ms=300"
+
+
+def _pids(pattern: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _committed(run: Run) -> list[int]:
+    return sorted(int(p.parent.name.split("-")[1]) for p in (run.dir / "checkpoints").glob(f"step-*/{MANIFEST}"))
+
+
+def _status(run: Run, env: dict[str, str]) -> str:
+    proc = subprocess.run([os.sys.executable, "-m", "hpc.status", str(run.dir)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_srun_killed_requeues_the_job_and_it_resumes_from_the_committed_step(
+        cluster_env: dict[str, str], tmp_path: Path) -> None:
+    run = Run(cluster_env, tmp_path / "srun", submit(cluster_env, *RUN, f"run.root={tmp_path}", "run.name=srun",
+                                                     "--no-wait", faults=SLOW))
+    wait_for("the run to train past a commit", lambda: run.step() >= 12 and _committed(run), 240)
+    (srun,) = _pids(f"srun .*{run.dir}/submitit")
+    os.kill(srun, signal.SIGKILL)
+    wait_for("a requeue", lambda: run.events("requeued"), 180)
+    assert run.wait(300) == "COMPLETED", run.explain()
+    requeued = run.events("requeued")
+    assert [e["reason"] for e in requeued] == ["failure"], requeued
+    started = run.events("started")
+    assert started[1]["step"] == requeued[0]["step"] and requeued[0]["step"] in _committed(run)
+    assert run.events("finished")[-1]["step"] == 40
+    status = _status(run, cluster_env)
+    assert "failure 1" in status and "step 40 of 40" in status, status
+
+
+def test_the_batch_shell_killed_ends_the_job_and_status_says_so_with_the_committed_step(
+        cluster_env: dict[str, str], tmp_path: Path) -> None:
+    run = Run(cluster_env, tmp_path / "shell", submit(cluster_env, *RUN, f"run.root={tmp_path}", "run.name=shell",
+                                                      "--no-wait", faults=SLOW))
+    wait_for("the run to train past a commit", lambda: run.step() >= 12 and _committed(run), 240)
+    committed = _committed(run)[-1]
+    shells = _pids(f"job{run.job_id}/slurm_script")
+    assert shells, "the batch shell's process was not found"
+    for pid in shells:
+        os.kill(pid, signal.SIGKILL)
+    state = run.wait(180)
+    assert state in ("FAILED", "COMPLETED", "CANCELLED") or state.startswith("CANCELLED"), run.explain()
+    assert committed in _committed(run)
+    status = _status(run, cluster_env)
+    print(status)
+    if state != "COMPLETED":
+        assert f"ended without the batch shell's verdict ({state})" in status, status
+        assert f"last committed step {_committed(run)[-1]}" in status, status
+        assert "submit the same command again to resume" in status, status
+    assert json.loads((run.dir / "checkpoints" / f"step-{committed}" / MANIFEST).read_text())["step"] == committed
