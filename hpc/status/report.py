@@ -120,7 +120,25 @@ def gather(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     out["restart_s"] = sum(restarts_s) / len(restarts_s) if restarts_s else None
     out["eta"] = _eta(cfg, out, now)
     out["nodes"] = _nodes_of_latest_start(starts)
+    out["unexplained_end"] = _unexplained_end(state, job_id, events)
     return out
+
+
+FINAL_STATES = ("FAILED", "CANCELLED", "NODE_FAIL", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+
+
+def _unexplained_end(state: str, job_id: str | None, events: list[dict[str, Any]]) -> str | None:
+    """The job's final state when its last run left no ending of its own (finished, requeued, gave
+    up): the batch shell that gives the verdict was killed, or the node under it died."""
+    if job_id is None or not state.startswith(FINAL_STATES):
+        return None
+    mine = [e for e in events if e.get("job_id") == job_id]
+    starts = [e.get("restart", 0) for e in mine if e["event"] == history.STARTED]
+    if not starts:
+        return None
+    last = max(starts)
+    ended = [e for e in mine if e.get("restart") == last and e["event"] in history.ENDINGS]
+    return None if ended else state.split()[0]
 
 
 def _nodes_of_latest_start(starts: list[dict[str, Any]]) -> dict[str, str]:
@@ -201,6 +219,10 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
         lines.append("eta         done")
     if status["gave_up"]:
         lines.append(f"stopped     {status['gave_up']}")
+    if status.get("unexplained_end"):
+        step = f"last committed step {ckpt['step']}" if ckpt and "step" in ckpt else "no committed step"
+        lines.append(f"ended       without the batch shell's verdict ({status['unexplained_end']}): its batch shell "
+                     f"or node died; {step}; submit the same command again to resume")
     if status["timelines"]:
         lines.append("")
         lines.append(timeline_table(status["timelines"]))
