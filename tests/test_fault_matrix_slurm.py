@@ -47,8 +47,10 @@ def test_srun_killed_requeues_the_job_and_it_resumes_from_the_committed_step(
     run = Run(cluster_env, tmp_path / "srun", submit(cluster_env, *RUN, f"run.root={tmp_path}", "run.name=srun",
                                                      "--no-wait", faults=SLOW))
     wait_for("the run to train past a commit", lambda: run.step() >= 12 and _committed(run), 240)
-    (srun,) = _pids(f"srun .*{run.dir}/submitit")
-    os.kill(srun, signal.SIGKILL)
+    sruns = _pids(f"srun .*{run.dir}/submitit")  # srun and the helper it forks
+    assert sruns, "the batch step's srun was not found"
+    for pid in sruns:
+        os.kill(pid, signal.SIGKILL)
     wait_for("a requeue", lambda: run.events("requeued"), 180)
     assert run.wait(300) == "COMPLETED", run.explain()
     requeued = run.events("requeued")

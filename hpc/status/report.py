@@ -124,7 +124,9 @@ def gather(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     return out
 
 
-FINAL_STATES = ("FAILED", "CANCELLED", "NODE_FAIL", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+FINAL_STATES = ("FAILED", "CANCELLED", "NODE_FAIL", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED",
+                "COMPLETING")
+"""Job states of a job that has ended (COMPLETING: its batch shell has exited, SLURM is cleaning up)."""
 
 
 def _unexplained_end(state: str, job_id: str | None, events: list[dict[str, Any]]) -> str | None:
