@@ -39,6 +39,21 @@ from hpc.train.strategies import Engine, World
 log = logging.getLogger("hpc")
 
 
+def _describe(err: BaseException) -> str:
+    """One line for a failed write: DCP's CheckpointException carries each rank's own exception
+    (its text is a whole traceback per rank); anything else is its first line."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        parts = []
+        for failed_rank, wrapped in sorted(failures.items()):
+            inner = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+            text = str(inner).strip().splitlines()
+            parts.append(f"rank {failed_rank}: {type(inner).__name__}: {text[0] if text else ''}")
+        return "; ".join(parts)
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
 @dataclass
 class SaveOutcome:
     """How one save ended (broadcast from rank 0, so every rank holds the same)."""
@@ -94,6 +109,8 @@ class Saver:
         self.pending: Future | None = None
         self.broken: str | None = None
         """Set when a checkpoint collective failed: the group is unusable, later saves refuse."""
+        self.stop_error: str | None = None
+        """Set when a save failed and checkpoint.on_failure=stop: the next save refuses, ending the job."""
 
     def save(self, step: int, engine: Engine, batches: GlobalBatches) -> None:
         """Checkpoint the state after `step` steps; returns once training may go on."""
@@ -102,15 +119,23 @@ class Saver:
         if self.broken:
             raise CheckpointError(f"cannot save step {step}: {self.broken}. The newest committed "
                                   f"step is {self.last_committed}; the job must restart to checkpoint again")
+        if self.stop_error:  # set alike on every rank (the outcome is broadcast): all stop at this save
+            raise CheckpointError(self.stop_error)
         waited = time.perf_counter() - started
         folder = self.scratch / step_dir(step)
         if self.drainer and folder.exists():
-            shutil.rmtree(folder)  # a leftover of an interrupted attempt at this step
+            shutil.rmtree(folder, ignore_errors=True)  # a leftover of an interrupted attempt at this step
         self.collectives.barrier()
-        folder.mkdir(parents=True, exist_ok=True)
         # Taken now, before training draws again; written (with the small files) in the background.
         rng_state, data = rng.capture(), batches.state_dict()
-        written = self.format.save(folder, step, self.world.rank)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            written = self.format.save(folder, step, self.world.rank)
+        except OSError as err:  # scratch full or gone: this save fails, the run does not
+            # The background half still runs every collective, carrying the error, so that no
+            # rank waits for one this rank skipped.
+            written = Future()
+            written.set_exception(err)
         flight = SaveInFlight(step=step, data=data, strategy=engine.name, started=started, waited=waited,
                               blocked=time.perf_counter() - started - waited, rng=rng_state)
         future: Future = Future()
@@ -132,8 +157,8 @@ class Saver:
                 error = f"writing the RNG state or trainer files on rank {rank} failed: {err}"
             try:
                 metadata = written.result()
-            except Exception as err:  # noqa: BLE001
-                error = error or f"writing the shards on rank {rank} failed: {err}"
+            except BaseException as err:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+                error = error or f"writing the shards on rank {rank} failed: {_describe(err)}"
             write_s = time.perf_counter() - flight.started
             if rank == 0 and error is None:
                 try:
@@ -175,8 +200,12 @@ class Saver:
             self.last_committed = step
             if rank == 0:
                 self._retention(step)
+        elif self.ckpt.on_failure == "stop":
+            self.stop_error = (f"checkpoint step {step} was not committed ({outcome.error}) and "
+                               f"checkpoint.on_failure=stop; the newest committed step is {self.last_committed}")
         if self.drainer:
-            clean_scratch(self.scratch, keep={step, self.last_committed if self.last_committed is not None else -1})
+            # A step that was not committed goes too: what it wrote may be what filled the scratch.
+            clean_scratch(self.scratch, keep={self.last_committed if self.last_committed is not None else -1})
         future.set_result(outcome)
 
     def _write_small_files(self, folder: Path, flight: SaveInFlight) -> None:

@@ -266,6 +266,10 @@ class CheckpointConfig:
     """Wait before the first retry; doubled each time."""
     timeout_s: int = 3600
     """Longest a rank waits for the others to finish writing and uploading a checkpoint."""
+    on_failure: str = "continue"
+    """A save that cannot be committed (scratch full, the store unreachable after the retries):
+    continue (the default) logs it and trains on, the next save tries again (the step's files are
+    removed from scratch); stop ends the job with an error naming the step and the cause."""
     space_margin: float = 1.25
     """Free space required on scratch and persistent storage, as a multiple of the estimate."""
     init_from: str | None = None
@@ -288,6 +292,7 @@ class CheckpointConfig:
         require(self.backoff_s >= 0, f"checkpoint.backoff_s={self.backoff_s}: must be >= 0")
         require(self.space_margin >= 1, f"checkpoint.space_margin={self.space_margin}: must be >= 1")
         require_choice("checkpoint.convert", self.convert, CONVERT_MODES)
+        require_choice("checkpoint.on_failure", self.on_failure, ("continue", "stop"))
         resume = str(self.resume)
         require_single_line("checkpoint.resume", resume)
         require(resume in RESUME_MODES or resume.isdigit() or "/" in resume,
