@@ -115,3 +115,29 @@ def test_the_scheduler_restarting_mid_run_leaves_the_job_training_and_requeueabl
     assert requeued and {e["reason"] for e in requeued} == {"timeout"}, requeued
     assert [e["step"] for e in run.events("started")[1:]] == [e["step"] for e in requeued]
     assert run.events("finished")[-1]["step"] == 90
+
+
+def test_a_hung_rank_is_found_within_the_collective_timeout_and_its_node_left_out(
+        cluster_env: dict[str, str], tmp_path: Path) -> None:
+    """SIGSTOP one rank mid-run: the other rank's collective times out after
+    cluster.nccl.timeout_s (the process group's timeout, gloo's as well as NCCL's), the job ends
+    naming the silent rank and its node, the batch shell requeues it without that node, and the
+    rerun completes from the committed step."""
+    timeout_s = 15
+    run = Run(cluster_env, tmp_path / "hung", submit(cluster_env, *RUN, f"cluster.nccl.timeout_s={timeout_s}",
+                                                     f"run.root={tmp_path}", "run.name=hung", "--no-wait",
+                                                     faults=SLOW))
+    wait_for("the run to train past a commit", lambda: run.step() >= 8 and _committed(run), 240)
+    record = run.ranks(0)[1]
+    os.kill(record["pid"], signal.SIGSTOP)
+    stopped_at = time.time()
+    requeued = wait_for("a requeue", lambda: run.events("requeued"), timeout_s + 120)
+    took = requeued[0]["at"] - stopped_at
+    print(f"hung rank -> requeued in {took:.1f} s (collective timeout {timeout_s} s)")
+    assert took < timeout_s + 45, took
+    assert requeued[0]["reason"] == "failure" and requeued[0]["excluded"] == [record["node"]], requeued
+    assert f"rank(s) 1 on {record['node']}" in requeued[0]["detail"], requeued[0]
+    assert run.wait(300) == "COMPLETED", run.explain()
+    started = run.events("started")
+    assert record["node"] not in started[1]["nodes"] and started[1]["step"] in _committed(run)
+    assert run.events("finished")[-1]["step"] == 40
