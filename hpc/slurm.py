@@ -110,6 +110,12 @@ def usable_nodes(partition: str | None = None) -> list[str]:
     return list(dict.fromkeys(nodes))
 
 
+def task_steps(job_id: str, env: Mapping[str, str] | None = None) -> list[str]:
+    """The job's running steps that run tasks (`4711.0`, ...; not `.batch` or `.extern`)."""
+    out = run(["squeue", "-h", "-s", "-j", job_id, "-o", "%i"], check=False, env=env)
+    return [s for s in out.split() if s.partition(".")[2].isdigit()]
+
+
 def node_states(nodes: Sequence[str], env: Mapping[str, str] | None = None) -> dict[str, str]:
     """Each node's state as sinfo spells it (idle, mixed, allocated, draining, drained, down, ...),
     with the reason an admin or SLURM gave, if any: {"n2": "drained (reason: bad GPU)"}."""

@@ -430,3 +430,17 @@ def test_a_written_lead_reads_back(tmp_path: Path) -> None:
     body = {"needed_s": 120, "save_s": 25.5, "step_s": 3.0}
     RunFolder(tmp_path).write_measured_lead(body)
     assert RunFolder(tmp_path).read_measured_lead() == body
+
+
+def test_a_stop_whose_save_did_not_commit_at_the_time_limit_is_not_requeued() -> None:
+    requeue = policy.decide(policy.TIMEOUT, [], "7", {"max_requeues": 20, "max_preemptions": 50, "max_failures": 3},
+                            step=30)
+    stopped = policy.unsaved_stop(requeue, failed_step=40, error="upload failed: Read-only file system", step=30)
+    assert not stopped.requeue and stopped.reason == policy.TIMEOUT
+    assert stopped.message.startswith("not requeued: the save of step 40 at the time limit did not commit "
+                                      "(upload failed: Read-only file system)")
+    assert "last committed checkpoint (step 30, intact)" in stopped.message and "submit the same command" in stopped.message
+    # A preemption is not the store's fault: it still requeues.
+    preempted = policy.decide(policy.PREEMPTION, [], "7", {"max_requeues": 20, "max_preemptions": 50,
+                                                          "max_failures": 3}, step=30)
+    assert policy.unsaved_stop(preempted, failed_step=40, error="x", step=30) is preempted

@@ -51,6 +51,7 @@ def after_srun(status: int, run_dir: Path, environ: dict[str, str]) -> int:
     settled = history.ending(events, job_id, restart)
     if settled is not None or status == 0:
         return 0  # rank 0 said how this run ended (or it simply succeeded)
+    _end_orphaned_steps(job_id, status)
     cfg = from_yaml(RunFolder(run_dir).config.read_text())
     failure = policy.diagnose(history.read_ranks(run_dir, job_id, restart), status)
     step = _last_committed(cfg, run_dir)
@@ -98,6 +99,27 @@ def after_srun(status: int, run_dir: Path, environ: dict[str, str]) -> int:
           file=sys.stderr)
     slurm.requeue(job_id, exclude=exclude)
     return 0
+
+
+def _end_orphaned_steps(job_id: str, status: int, wait_s: float = 30) -> None:
+    """srun gone (killed, crashed) while its step's ranks still train: end them before deciding.
+    Requeued with them alive, they would live on beside the rerun's ranks (two of each rank
+    writing checkpoints) until SLURM's requeue signals them, and then save and requeue once more."""
+    from hpc import slurm
+
+    try:
+        steps = slurm.task_steps(job_id)
+    except slurm.SlurmError:
+        return  # no squeue to ask: nothing to end from here
+    if not steps:
+        return
+    print(f"hpc: srun exited with status {status} while step(s) {', '.join(steps)} still ran: ending them "
+          "before the verdict", file=sys.stderr)
+    for step in steps:
+        slurm.run(["scancel", "--signal=KILL", step], check=False)
+    deadline = time.monotonic() + wait_s
+    while slurm.task_steps(job_id) and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 def _requeued_by_slurm(job_id: str, restart: int) -> bool:

@@ -48,6 +48,8 @@ def decide(cfg: Config, env: JobEnv, run_dir: Path, job: dict[str, str], stop: S
                                    f"the job was cancelled: not requeued. The last committed "
                                    f"checkpoint is step {step}; submit the same command to continue")
     outcomes = checkpoints.outcomes
+    if outcomes and not outcomes[-1].committed and (step is None or outcomes[-1].step > step):
+        decision = policy.unsaved_stop(decision, failed_step=outcomes[-1].step, error=outcomes[-1].error, step=step)
     last = outcomes[-1] if outcomes and outcomes[-1].committed else None
     stopped: dict[str, Any] = {"signal_at": stop.first_seen, "agreed_at": agreed_at, "committed_at": time.time(),
                                "save_phases": dict(last.seconds) if last else {}, "signals": describe(mask)}

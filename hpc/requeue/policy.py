@@ -92,6 +92,21 @@ def decide(reason: str, events: Iterable[Mapping[str, Any]], job_id: str, limits
                     f"continue from it (a new job starts with fresh budgets), or raise requeue.{budget}")
 
 
+def unsaved_stop(decision: Decision, *, failed_step: int, error: str | None, step: int | None) -> Decision:
+    """At the time limit the stop's own save did not commit (the checkpoint store unreachable
+    after its retries, scratch full): a rerun would train again from `step` only to meet the same
+    store at its next limit, so the job stops instead and says what to do. A preemption still
+    requeues (it is not the store's fault), as does a stop that committed."""
+    if not decision.requeue or decision.reason != TIMEOUT:
+        return decision
+    where = f"step {step}" if step is not None else "none"
+    return Decision(False, decision.reason, decision.budget, decision.used, decision.limit,
+                    f"not requeued: the save of step {failed_step} at the time limit did not commit ({error}); a "
+                    f"rerun would train again from the last committed checkpoint ({where}, intact) and meet the "
+                    "same problem. HINT: once the checkpoint store (checkpoint.dir) or the scratch is usable "
+                    "again, submit the same command to continue from it")
+
+
 def needed_lead(save_seconds: Sequence[float], step_s: float, margin_s: float = LEAD_MARGIN_S) -> int:
     """Seconds of warning a stop needs: the step in flight, a save already in flight plus the final
     one (hence twice the slowest measured save), and a margin; rounded up to 10 s."""
