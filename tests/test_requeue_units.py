@@ -444,3 +444,19 @@ def test_a_stop_whose_save_did_not_commit_at_the_time_limit_is_not_requeued() ->
     preempted = policy.decide(policy.PREEMPTION, [], "7", {"max_requeues": 20, "max_preemptions": 50,
                                                           "max_failures": 3}, step=30)
     assert policy.unsaved_stop(preempted, failed_step=40, error="x", step=30) is preempted
+
+
+def test_ranks_the_others_timed_out_waiting_for_are_the_suspects() -> None:
+    records = {0: {"rank": 0, "node": "n1", "status": "error", "peer_failure": True,
+                   "error": "RuntimeError: [gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 15000ms for recv"},
+               1: {"rank": 1, "node": "n2", "status": "error", "peer_failure": True,  # woken by SLURM's SIGCONT
+                   "error": "RuntimeError: [gloo/transport/tcp/pair.cc:553] Connection closed by peer"},
+               2: {"rank": 2, "node": "n3", "status": "error", "peer_failure": False,
+                   "error": "RuntimeError: Rank 1 failed to pass monitoredBarrier in 15000 ms"}}
+    failure = policy.diagnose(records, 1)
+    assert failure.kind == "hung" and failure.suspects == ("n2",)
+    assert failure.detail == ("rank(s) 1 on n2 stopped answering: rank(s) 0, 2 timed out waiting for them "
+                              "in a collective")
+    # Every rank timed out (the network between them): nobody is singled out.
+    everyone = {r: {**rec, "error": "RuntimeError: Timed out waiting 15000ms for recv"} for r, rec in records.items()}
+    assert policy.diagnose(everyone, 1).kind != "hung"

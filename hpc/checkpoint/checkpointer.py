@@ -42,7 +42,7 @@ class Checkpointer:
         self.cfg, self.world, self.scratch, self.config_yaml = cfg, world, scratch, config_yaml
         self.node = node_rank
         self.storage = open_storage(location)
-        self.collectives = Collectives(world.world_size, cfg.checkpoint.timeout_s)
+        self.collectives = Collectives(world.world_size, cfg.checkpoint.timeout_s, cfg.cluster.nccl.timeout_s)
         self.restorer = Restorer(cfg, world, self.collectives, self.storage, scratch, node=node_rank,
                                  num_nodes=num_nodes, host=host, restart_count=restart_count,
                                  config_yaml=config_yaml)

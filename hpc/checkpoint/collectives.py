@@ -18,8 +18,9 @@ from hpc.checkpoint.manifest import CheckpointError
 class Collectives:
     """gather / broadcast from rank 0 / barrier / raise-together over the checkpoint group."""
 
-    def __init__(self, world_size: int, timeout_s: float) -> None:
+    def __init__(self, world_size: int, timeout_s: float, barrier_timeout_s: float | None = None) -> None:
         self.world_size = world_size
+        self.barrier_timeout = timedelta(seconds=barrier_timeout_s or timeout_s)
         self.group: Any = None
         if dist.is_initialized():
             self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
@@ -45,8 +46,11 @@ class Collectives:
         return box[0]
 
     def barrier(self) -> None:
+        """All ranks here, within the collective timeout (not the group's, which allows for a whole
+        save): a rank that hangs is found as soon as a training collective would find it, and
+        rank 0's error names it (gloo's monitored barrier)."""
         if not self.alone:
-            dist.barrier(group=self.group)
+            dist.monitored_barrier(group=self.group, timeout=self.barrier_timeout, wait_all_ranks=True)
 
     def raise_any(self, problem: str | None) -> None:
         """Every rank raises together (the same message), or none does."""

@@ -4,6 +4,7 @@ to leave out, how much warning a save needs, and what kind of failure an error i
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -120,7 +121,8 @@ def needed_lead(save_seconds: Sequence[float], step_s: float, margin_s: float = 
 class Failure:
     kind: str
     """permanent: the same error would recur anywhere (config, refused checkpoint); preflight: named
-    nodes failed their checks; crash: ranks died without a trace; error: ranks raised."""
+    nodes failed their checks; hung: ranks the others timed out waiting for; crash: ranks died
+    without a trace; error: ranks raised."""
     detail: str
     suspects: tuple[str, ...] = ()
     """Nodes to leave out of the next run."""
@@ -138,10 +140,19 @@ def diagnose(records: Mapping[int, Mapping[str, Any]], status: int) -> Failure:
         # Every node failing alike points at the config (e.g. scratch_dir), not at the nodes.
         return Failure("preflight", f"preflight failed on {', '.join(bad)}",
                        tuple(bad) if not nodes <= set(bad) else ())
+    waited = {r for r, rec in errors.items() if TIMEOUT_HINTS.search(rec.get("error", ""))}
+    if waited and len(waited) < len(records):
+        # Some ranks timed out waiting in a collective: the others are the ones they waited for
+        # (hung: stopped, stuck in a kernel, a dead network link), whatever those wrote later on.
+        silent = sorted(set(records) - waited)
+        where = sorted({records[r].get("node") for r in silent})
+        detail = (f"rank(s) {', '.join(map(str, silent))} on {', '.join(map(str, where))} stopped answering: "
+                  f"rank(s) {', '.join(map(str, sorted(waited)))} timed out waiting for them in a collective")
+        return Failure("hung", detail, tuple(where) if len(where) < len(nodes) else ())
     dead = sorted({rec["node"] for rec in records.values() if rec.get("status") == "running"})
     if dead:
         ranks = sorted(r for r, rec in records.items() if rec.get("status") == "running")
-        detail = f"rank(s) {', '.join(map(str, ranks))} on {', '.join(dead)} died without a trace"
+        detail = f"rank(s) {', '.join(map(str, ranks))} on {', '.join(dead)} died or hung without a trace"
         # When every node lost a rank, nothing singles one out (e.g. all were SIGKILLed).
         return Failure("crash", detail, tuple(dead) if len(dead) < len(nodes) else ())
     own = [rec for rec in errors.values() if not rec.get("peer_failure")]
@@ -155,6 +166,9 @@ def diagnose(records: Mapping[int, Mapping[str, Any]], status: int) -> Failure:
 def _first_line(text: str) -> str:
     return text.strip().splitlines()[0][:300] if text.strip() else "unknown error"
 
+
+TIMEOUT_HINTS = re.compile(r"timed out|timing out|failed to pass monitoredbarrier", re.IGNORECASE)
+"""A collective that gave up waiting: gloo's recv/send timeouts, its monitored barrier, NCCL's watchdog."""
 
 PEER_FAILURE_HINTS = ("connection closed by peer", "connection reset by peer", "broken pipe",
                       "distbackenderror", "remote process exited", "watchdog", "gloo/transport")
