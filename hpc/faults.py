@@ -7,7 +7,8 @@ Each entry is `action@point` with optional `:key=value` filters (`step`, `rank`)
 when every filter matches. Actions: `kill` (SIGKILL, as from the OOM killer or a dead node),
 `stop` (the caller treats it like a stop request) and `slow` (sleep `ms` milliseconds: a straggler,
 or a test's way to make a tiny run outlast a time limit without burning CPU), e.g.
-`slow@step_end:ms=500`. Unset (always, outside tests) it costs one dict lookup per call.
+`slow@step_end:ms=500`. Points: shard_write, upload, manifest_write (a save's phases), step_end,
+restore (before a resume loads its step). Unset (always, outside tests) it costs one dict lookup per call.
 """
 
 from __future__ import annotations
