@@ -674,7 +674,7 @@ def test_faults_parse_the_documented_example() -> None:
 
 @pytest.mark.parametrize("text, says", [
     ("crash@upload", "action in ('kill', 'stop', 'slow')"),
-    ("kill@nowhere", "point in ('shard_write', 'upload', 'manifest_write', 'step_end')"),
+    ("kill@nowhere", "point in ('shard_write', 'upload', 'manifest_write', 'step_end', 'restore')"),
     ("kill", "is not action@point"),
     ("stop@upload:node=1", "filter 'node=1' in 'stop@upload:node=1': use step=N, rank=N or ms=N"),
     ("stop@upload:step=six", "use step=N, rank=N or ms=N"),

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = ["exp=tiny_cpu", "nodes=2", "gpus_per_node=1", "train.max_steps=40", "train.log_every=5",
        "checkpoint.every_steps=5", "time=10"]
 SLOW = "slow@step_end:ms=300"
+CTLD_RUN = ("exp=tiny_cpu", "nodes=1", "gpus_per_node=1", "train.max_steps=90", "train.log_every=5")
 
 
 def _pids(pattern: str) -> list[int]:
@@ -35,6 +36,41 @@ def _committed(run: Run) -> list[int]:
     return sorted(int(p.parent.name.split("-")[1]) for p in (run.dir / "checkpoints").glob(f"step-*/{MANIFEST}"))
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(cluster_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
+    """uninterrupted(*overrides) -> each step's loss of the same run with no fault (trained once per
+    set of overrides; no slowed steps: the sleep does not touch the numbers)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    done: dict[tuple[str, ...], dict[int, float]] = {}
+
+    def losses(*overrides: str) -> dict[int, float]:
+        if overrides not in done:
+            name = f"u{len(done)}"
+            run = Run(cluster_env, root / name, submit(cluster_env, *overrides, "time=10", f"run.root={root}",
+                                                       f"run.name={name}", "--no-wait"))
+            assert run.wait(300) == "COMPLETED", run.explain()
+            done[overrides] = _losses(run)
+        return done[overrides]
+
+    return losses
+
+
+def _losses(run: Run) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for line in (run.dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        assert out.get(record["step"], record["loss"]) == record["loss"], f"step {record['step']} logged twice, differently"
+        out[record["step"]] = record["loss"]
+    return out
+
+
+def _assert_same_trajectory(run: Run, reference: dict[int, float]) -> None:
+    ours = _losses(run)
+    common = sorted(set(ours) & set(reference))
+    assert len(common) >= 5 and all(ours[s] == reference[s] for s in common), \
+        [(s, ours[s], reference[s]) for s in common if ours[s] != reference[s]][:5]
+
+
 def _status(run: Run, env: dict[str, str]) -> str:
     proc = subprocess.run([os.sys.executable, "-m", "hpc.status", str(run.dir)], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=60)
@@ -43,7 +79,7 @@ def _status(run: Run, env: dict[str, str]) -> str:
 
 
 def test_srun_killed_requeues_the_job_and_it_resumes_from_the_committed_step(
-        cluster_env: dict[str, str], tmp_path: Path) -> None:
+        cluster_env: dict[str, str], tmp_path: Path, uninterrupted) -> None:
     run = Run(cluster_env, tmp_path / "srun", submit(cluster_env, *RUN, f"run.root={tmp_path}", "run.name=srun",
                                                      "--no-wait", faults=SLOW))
     wait_for("the run to train past a commit", lambda: run.step() >= 12 and _committed(run), 240)
@@ -60,6 +96,7 @@ def test_srun_killed_requeues_the_job_and_it_resumes_from_the_committed_step(
     assert run.events("finished")[-1]["step"] == 40
     status = _status(run, cluster_env)
     assert "failure 1" in status and "step 40 of 40" in status, status
+    _assert_same_trajectory(run, uninterrupted(*RUN[:-1]))
 
 
 def test_the_batch_shell_killed_ends_the_job_and_status_says_so_with_the_committed_step(
@@ -98,13 +135,12 @@ def _restart_slurmctld(cluster_env: dict[str, str], down_s: float) -> None:
 
 
 def test_the_scheduler_restarting_mid_run_leaves_the_job_training_and_requeueable(
-        cluster_env: dict[str, str], tmp_path: Path) -> None:
+        cluster_env: dict[str, str], tmp_path: Path, uninterrupted) -> None:
     """slurmctld stopped and started while the job trains: the ranks train on (a job step needs no
     slurmctld), and the time-limit warning that comes after it (late by about the downtime: SLURM
     checks limits when it is back) still saves, requeues and resumes."""
     run = Run(cluster_env, tmp_path / "ctld",
-              submit(cluster_env, "exp=tiny_cpu", "nodes=1", "gpus_per_node=1", "train.max_steps=90",
-                     "train.log_every=5", "time=1", "requeue.lead_s=20", f"run.root={tmp_path}", "run.name=ctld",
+              submit(cluster_env, *CTLD_RUN, "time=1", "requeue.lead_s=20", f"run.root={tmp_path}", "run.name=ctld",
                      "--no-wait", faults="slow@step_end:ms=600"))
     wait_for("the run to train", lambda: run.step() >= 5, 240)
     before = run.step()
@@ -115,10 +151,11 @@ def test_the_scheduler_restarting_mid_run_leaves_the_job_training_and_requeueabl
     assert requeued and {e["reason"] for e in requeued} == {"timeout"}, requeued
     assert [e["step"] for e in run.events("started")[1:]] == [e["step"] for e in requeued]
     assert run.events("finished")[-1]["step"] == 90
+    _assert_same_trajectory(run, uninterrupted(*CTLD_RUN))
 
 
 def test_a_hung_rank_is_found_within_the_collective_timeout_and_its_node_left_out(
-        cluster_env: dict[str, str], tmp_path: Path) -> None:
+        cluster_env: dict[str, str], tmp_path: Path, uninterrupted) -> None:
     """SIGSTOP one rank mid-run: the other rank's collective times out after
     cluster.nccl.timeout_s (the process group's timeout, gloo's as well as NCCL's), the job ends
     naming the silent rank and its node, the batch shell requeues it without that node, and the
@@ -141,3 +178,40 @@ def test_a_hung_rank_is_found_within_the_collective_timeout_and_its_node_left_ou
     started = run.events("started")
     assert record["node"] not in started[1]["nodes"] and started[1]["step"] in _committed(run)
     assert run.events("finished")[-1]["step"] == 40
+    _assert_same_trajectory(run, uninterrupted(*RUN[:-1]))
+
+
+def test_a_store_that_never_comes_back_stops_the_job_at_its_time_limit_and_says_so(
+        cluster_env: dict[str, str], tmp_path: Path) -> None:
+    """The checkpoint store turns read-only for good (a tmpfs mounted in node n3's own mount
+    namespace, where the cluster's slurmd runs the job): the save at the time limit cannot commit,
+    so the job is not requeued to train the same steps again; it stops, naming the save that failed
+    and the newest committed step, which stays intact."""
+    state = Path(cluster_env.get("HPC_SLURM_STATE", "/var/tmp/hpc-slurm"))
+    slurmd = (state / "pids" / "slurmd-n3.pid").read_text().strip()
+    store = tmp_path / "store"
+    store.mkdir()
+
+    def in_n3(*argv: str) -> None:
+        subprocess.run(["nsenter", "-t", slurmd, "-m", *argv], check=True)
+
+    in_n3("mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(store))
+    try:
+        run = Run(cluster_env, tmp_path / "store-gone",
+                  submit(cluster_env, "exp=tiny_cpu", "nodes=1", "gpus_per_node=1", "slurm.exclude=n1,n2,n4",
+                         "train.max_steps=300", "train.log_every=5", "checkpoint.every_steps=5", "checkpoint.retries=1",
+                         "checkpoint.backoff_s=0.2", f"checkpoint.dir={store}", "time=1", "requeue.lead_s=20",
+                         f"run.root={tmp_path}", "run.name=store-gone", "--no-wait", faults="slow@step_end:ms=600"))
+        wait_for("a commit", lambda: "checkpoint step 5 committed" in run.log(), 240)
+        in_n3("mount", "-o", "remount,ro", str(store))
+        state_now = run.wait(300)
+    finally:
+        subprocess.run(["nsenter", "-t", slurmd, "-m", "umount", "-l", str(store)], check=False)
+    assert state_now != "COMPLETED", run.explain()
+    assert not run.events("requeued"), run.events("requeued")
+    (gave_up,) = run.events("gave_up")
+    committed = [int(s) for s in re.findall(r"checkpoint step (\d+) committed", run.log())]
+    assert gave_up["step"] == max(committed) and gave_up["reason"] == "timeout", gave_up
+    assert "did not commit" in gave_up["detail"] and "Read-only file system" in gave_up["detail"], gave_up
+    assert f"last committed checkpoint (step {max(committed)}, intact)" in gave_up["detail"], gave_up
+    assert gave_up["detail"] in run.log()
