@@ -84,7 +84,7 @@ def test_pieces_cut_at_line_breaks_give_the_ids_of_the_whole_file(tokenizer, tmp
 
     tool = _tool()
     monkeypatch.setattr(tool, "PIECE", 50)
-    monkeypatch.setattr(tool, "CHUNK", 64)
+    monkeypatch.setattr(tool, "TEXT_CHUNK", 64)
     doc = tmp_path / "doc.txt"
     doc.write_text("Grüße aus München 😀\n\n\n    indented line\n" * 40 + (ROOT / "README.md").read_text()[:5000])
     meta = tool.make_tokens(str(tmp_path / "d.bin"), [str(doc)], tokenizer=str(tokenizer))

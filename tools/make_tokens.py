@@ -17,7 +17,7 @@ With --tokenizer PATH, a Hugging Face `tokenizer.json` (any model's, or one you 
 the text through the `tokenizers` library (`pip install 'hpc[hf]'`), without special tokens (no
 BOS per piece). The end-of-document id is --eod's token, else the first of </s>, <|endoftext|>,
 <|end_of_text|>, <eos> the vocabulary has, else one id past the vocabulary (vocab_size grows by
-one). A document is encoded in pieces of about 1 MB, each cut after a line break where the next line
+one). A document is encoded in pieces of about 256 kB, each cut after a line break where the next line
 starts with text (where pre-tokenizers split anyway: the ids are those of encoding it whole).
 --dtype auto (the default) picks uint16 when every id fits, else uint32.
 """
@@ -38,7 +38,8 @@ import numpy as np
 EOD = 256
 VOCAB_SIZE = 257
 CHUNK = 8 << 20  # bytes read at a time: large enough to amortise numpy calls, small enough for RAM
-PIECE = 1 << 20  # characters a tokenizer encodes at a time (kept whole within a line)
+PIECE = 256 << 10  # characters a tokenizer encodes at a time (cut only where a line starts)
+TEXT_CHUNK = 2 << 20  # bytes read at a time for a tokenizer: its encodings take ~60x the text in memory
 EOD_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
 PROGRESS_MIN_BYTES = 16 << 20
 
@@ -118,7 +119,7 @@ def _text_pieces(path: str) -> Iterator[tuple[list[str], int]]:
     decoder = codecs.getincrementaldecoder("utf-8")()
     carry = ""
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
+        while chunk := f.read(TEXT_CHUNK):
             text = carry + decoder.decode(chunk)
             pieces, start = [], 0
             while len(text) - start > PIECE:
