@@ -460,3 +460,17 @@ def test_ranks_the_others_timed_out_waiting_for_are_the_suspects() -> None:
     # Every rank timed out (the network between them): nobody is singled out.
     everyone = {r: {**rec, "error": "RuntimeError: Timed out waiting 15000ms for recv"} for r, rec in records.items()}
     assert policy.diagnose(everyone, 1).kind != "hung"
+
+
+def test_only_the_newest_runs_rank_records_are_kept(tmp_path: Path) -> None:
+    import os
+
+    for n, name in enumerate(["7.0", "7.1", "7.2", "9.0", "9.1"]):
+        folder = tmp_path / "requeue" / "ranks" / name
+        folder.mkdir(parents=True)
+        (folder / "rank-0.json").write_text("{}")
+        os.utime(folder, (1000 + n, 1000 + n))
+    deleted = history.prune_rank_records(tmp_path)
+    assert sorted(p.name for p in deleted) == ["7.0", "7.1"]
+    assert sorted(p.name for p in (tmp_path / "requeue" / "ranks").iterdir()) == ["7.2", "9.0", "9.1"]
+    assert history.prune_rank_records(tmp_path / "nowhere") == []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -84,6 +85,25 @@ def read_ranks(run_dir: Path, job_id: str, restart: int) -> dict[int, dict[str, 
             continue
         found[int(body["rank"])] = body
     return found
+
+
+RANK_RECORDS_KEPT = 3
+"""Runs whose rank records a run folder keeps: this one's, and the two before it (the next start
+and the batch shell read the newest two)."""
+
+
+def prune_rank_records(run_dir: Path, keep: int = RANK_RECORDS_KEPT) -> list[Path]:
+    """Delete all but the `keep` newest runs' folders of rank records: a job requeued many times
+    with many ranks would otherwise leave ranks x runs small files on the shared file system."""
+    folder = RunFolder(run_dir).requeue / "ranks"
+    try:
+        runs = sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    except OSError:
+        return []
+    old = runs[:-keep] if keep > 0 else runs
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old
 
 
 class RankRecord:

@@ -50,6 +50,7 @@ class Supervisor:
         self.why, self.previous = "submitted", None
         if env.rank == 0:
             self._bookkeeping(self._learn_why_we_started)
+            self._bookkeeping(lambda: history.prune_rank_records(self.run_dir))
 
     def _bookkeeping(self, action: Callable[[], None]) -> None:
         try:
