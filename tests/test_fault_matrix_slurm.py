@@ -161,10 +161,13 @@ def test_a_hung_rank_is_found_within_the_collective_timeout_and_its_node_left_ou
     naming the silent rank and its node, the batch shell requeues it without that node, and the
     rerun completes from the committed step."""
     timeout_s = 15
+    # Saves at 7, 14, ...: the rank stops between two saves, in training's collectives. (A rank that
+    # hangs while a save uploads in the background is found after checkpoint.timeout_s instead:
+    # the checkpoint group's collectives wait for whole uploads.)
     run = Run(cluster_env, tmp_path / "hung", submit(cluster_env, *RUN, f"cluster.nccl.timeout_s={timeout_s}",
-                                                     f"run.root={tmp_path}", "run.name=hung", "--no-wait",
-                                                     faults=SLOW))
-    wait_for("the run to train past a commit", lambda: run.step() >= 8 and _committed(run), 240)
+                                                     "checkpoint.every_steps=7", f"run.root={tmp_path}",
+                                                     "run.name=hung", "--no-wait", faults=SLOW))
+    wait_for("the run to train past a commit", lambda: run.step() >= 10 and _committed(run), 240)
     record = run.ranks(0)[1]
     os.kill(record["pid"], signal.SIGSTOP)
     stopped_at = time.time()

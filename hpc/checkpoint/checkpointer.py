@@ -87,10 +87,12 @@ class Checkpointer:
         """Block until the save in flight (if any) committed or failed."""
         return self.saver.wait() if self.saver is not None else None
 
-    def finish(self) -> None:
-        """At the end of training: the last save must commit, or the job reports it."""
+    def finish(self, stopped: bool = False) -> None:
+        """At the end of training: the last save must commit, or the job reports it. After a stop
+        the requeue decision reads the outcome instead (hpc.requeue.handback: a stop whose save
+        did not commit at the time limit is not requeued)."""
         outcome = self.wait()
-        if outcome is not None and not outcome.committed:
+        if outcome is not None and not outcome.committed and not stopped:
             raise CheckpointError(f"the checkpoint of step {outcome.step} did not commit: {outcome.error}. "
                                   f"The newest committed step is {self.last_committed}; a restart resumes "
                                   "from it")

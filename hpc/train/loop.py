@@ -49,8 +49,9 @@ class Checkpoints(Protocol):
     def save(self, step: int, engine: Engine, batches: GlobalBatches) -> None:
         """Save the state after `step` steps; may return before the save is committed."""
 
-    def finish(self) -> None:
-        """Wait until the last save committed; raise if it could not."""
+    def finish(self, stopped: bool = False) -> None:
+        """Wait until the last save committed; raise if it could not (unless the run was stopped:
+        whoever stopped it decides what an uncommitted stop save means)."""
 
 
 @dataclass
@@ -177,7 +178,7 @@ def train(cfg: Config, world: World, *, run_dir: Path | None = None,
                 result.stopped_early = step < train_cfg.max_steps
                 break
     if checkpoints is not None:
-        checkpoints.finish()
+        checkpoints.finish(stopped=result.stopped_early)
     result.steps = step
     result.summary = meter.summary()
     result.step_times = meter.step_times
