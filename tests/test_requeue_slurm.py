@@ -137,11 +137,12 @@ def test_signals_that_pile_up_give_one_save_and_one_requeue_each_and_a_drained_n
     pile is one save and one requeue, nothing deadlocks, no step is lost. And a node drained while
     the first run trains: the run goes on, the requeues land elsewhere, status shows the drain."""
     faults = "slow@step_end:ms=300,slow@upload:ms=400,slow@restore:ms=4000"
+    config = ("exp=tiny_cpu", "nodes=2", "train.max_steps=60", "train.log_every=5", "checkpoint.every_steps=10",
+              "time=10", f"run.root={tmp_path}")
     # A ten-minute limit: a signal this early is a preemption, not the time limit's warning.
-    run = Run(cluster_env, tmp_path / "pre",
-              submit(cluster_env, "exp=tiny_cpu", "nodes=2", "train.max_steps=60", "train.log_every=5",
-                     "checkpoint.every_steps=10", "time=10", f"run.root={tmp_path}", "run.name=pre", "--no-wait",
-                     faults=faults))
+    run = Run(cluster_env, tmp_path / "pre", submit(cluster_env, *config, "run.name=pre", "--no-wait", faults=faults))
+    # The same run, uninterrupted (no slowed steps: the sleeps do not touch the numbers).
+    straight = Run(cluster_env, tmp_path / "straight", submit(cluster_env, *config, "run.name=straight", "--no-wait"))
     wait_for("run 1 to train", lambda: run.step() >= 12, 240)
     first_nodes = run.events("started")[0]["nodes"]
     drained = first_nodes[1]
@@ -189,6 +190,10 @@ def test_signals_that_pile_up_give_one_save_and_one_requeue_each_and_a_drained_n
     assert "COMPLETED" in status.stdout and "preemption 2" in status.stdout and "step 60 of 60" in status.stdout
     for timeline in _timeline(run):
         print("signal -> training again:", json.dumps(timeline))
+    assert straight.wait(300) == "COMPLETED", straight.explain()
+    losses = [{m["step"]: m["loss"] for m in map(json.loads, (r.dir / "metrics.jsonl").read_text().splitlines())}
+              for r in (run, straight)]
+    assert all(losses[0][s] == losses[1][s] for s in losses[0] if s in losses[1]) and len(losses[0]) >= 12
 
 
 def test_a_killed_rank_requeues_the_job_without_its_node_and_it_resumes_from_the_last_commit(
