@@ -46,16 +46,16 @@ ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 
 
 def client_env() -> dict[str, str]:
+    """This environment pointed at the local cluster (what `tools/slurm-cluster env` exports)."""
     status = subprocess.run([sys.executable, str(CLUSTER), "status"], capture_output=True, text=True)
     if status.returncode != 0:
         raise SystemExit(f"soak: the local SLURM cluster is not up: {status.stdout.strip()[-300:]}")
-    out = subprocess.run([sys.executable, str(CLUSTER), "env"], capture_output=True, text=True, check=True).stdout
+    sys.path.insert(0, str(ROOT / "tools"))
+    from localslurm.conf import HPC_CLUSTER
+    from localslurm.paths import state_paths
+
     env = {k: v for k, v in os.environ.items() if k != "HPC_FAULTS"}
-    for line in out.splitlines():
-        if line.startswith("export "):
-            name, _, value = line[len("export "):].partition("=")
-            env[name] = value.strip("'\"")
-    return env
+    return {**env, "SLURM_CONF": str(state_paths().slurm_conf), "HPC_CLUSTER": HPC_CLUSTER}
 
 
 def submit(env: dict[str, str], root: Path, name: str, *overrides: str, faults: str | None = None) -> str:
