@@ -111,7 +111,8 @@ def test_list_shows_every_preset_its_origin_and_what_it_shadows(site) -> None:
     assert lines[2].split() == ["[2]", "$HPC_CONFIG_PATH", str(site["shared"])]
     assert lines[3].split() == ["[3]", "$HPC_CONFIG_PATH", str(site["second"])]
     assert lines[4].split() == ["[4]", "shipped", str(shipped_dir("configs"))]
-    entry = {line.split()[0]: " ".join(line.split()[1:]) for line in lines if line.startswith("  ") and "[" not in line.split()[0]}
+    entry = {line.split()[0]: " ".join(line.split()[1:]) for line in lines
+             if line.startswith("  ") and "[" not in line.split()[0]}
     assert entry["mysite"] == "[1] ./configs; shadows [2] $HPC_CONFIG_PATH"
     assert entry["slurm"] == "[2] $HPC_CONFIG_PATH; shadows [3] $HPC_CONFIG_PATH; shadows [4] shipped"
     assert entry["only_second"] == "[3] $HPC_CONFIG_PATH"

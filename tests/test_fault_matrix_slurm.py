@@ -59,7 +59,8 @@ def _losses(run: Run) -> dict[int, float]:
     out: dict[int, float] = {}
     for line in (run.dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        assert out.get(record["step"], record["loss"]) == record["loss"], f"step {record['step']} logged twice, differently"
+        assert out.get(record["step"], record["loss"]) == record["loss"], \
+            f"step {record['step']} logged twice, differently"
         out[record["step"]] = record["loss"]
     return out
 

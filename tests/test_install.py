@@ -40,7 +40,8 @@ def venv(wheel, tmp_path_factory) -> Path:
     again (gigabytes); hpc itself comes only from the wheel."""
     env = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
-    site = Path(subprocess.run([str(env / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+    purelib = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    site = Path(subprocess.run([str(env / "bin" / "python"), "-c", purelib],
                                check=True, capture_output=True, text=True).stdout.strip())
     ours = sysconfig.get_path("purelib")
     (site / "zz_dependencies.pth").write_text(f"{ours}\n")

@@ -439,7 +439,8 @@ def test_a_stop_whose_save_did_not_commit_at_the_time_limit_is_not_requeued() ->
     assert not stopped.requeue and stopped.reason == policy.TIMEOUT
     assert stopped.message.startswith("not requeued: the save of step 40 at the time limit did not commit "
                                       "(upload failed: Read-only file system)")
-    assert "last committed checkpoint (step 30, intact)" in stopped.message and "submit the same command" in stopped.message
+    assert "last committed checkpoint (step 30, intact)" in stopped.message
+    assert "submit the same command" in stopped.message
     # A preemption is not the store's fault: it still requeues.
     preempted = policy.decide(policy.PREEMPTION, [], "7", {"max_requeues": 20, "max_preemptions": 50,
                                                           "max_failures": 3}, step=30)
@@ -448,7 +449,8 @@ def test_a_stop_whose_save_did_not_commit_at_the_time_limit_is_not_requeued() ->
 
 def test_ranks_the_others_timed_out_waiting_for_are_the_suspects() -> None:
     records = {0: {"rank": 0, "node": "n1", "status": "error", "peer_failure": True,
-                   "error": "RuntimeError: [gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 15000ms for recv"},
+                   "error": "RuntimeError: [gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 15000ms "
+                            "for recv"},
                1: {"rank": 1, "node": "n2", "status": "error", "peer_failure": True,  # woken by SLURM's SIGCONT
                    "error": "RuntimeError: [gloo/transport/tcp/pair.cc:553] Connection closed by peer"},
                2: {"rank": 2, "node": "n3", "status": "error", "peer_failure": False,

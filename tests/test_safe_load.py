@@ -103,7 +103,8 @@ def test_a_planted_pickle_in_a_dcp_step_never_runs(tmp_path: Path) -> None:
 
     # Nor does the converter run it.
     tool = subprocess.run([sys.executable, "-m", "hpc.checkpoint.convert", "reshard", str(steps / "step-9"),
-                           str(tmp_path / "out"), "--world", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                           str(tmp_path / "out"), "--world", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert tool.returncode != 0 and "refused: it names posix.system" in tool.stderr, tool.stderr[-2000:]
     assert not marker.exists()
 

@@ -100,7 +100,8 @@ class TextTokenizer:
         self.eod_id = self.tokenizer.token_to_id(self.eod_token) if self.eod_token else vocab
         self.vocab_size = max(vocab, self.eod_id + 1)
 
-    def copy_document(self, path: str, out: BinaryIO, dtype: np.dtype, progress: Callable[[int], object] = lambda n: None) -> int:
+    def copy_document(self, path: str, out: BinaryIO, dtype: np.dtype,
+                      progress: Callable[[int], object] = lambda n: None) -> int:
         """Append one file's ids; return the count, or raise UnicodeDecodeError."""
         count = 0
         for pieces, nbytes in _text_pieces(path):

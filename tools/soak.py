@@ -176,7 +176,8 @@ def soak(env: dict[str, str], root: Path, cycles: int) -> dict:
                          "run_folder_files": sum(1 for p in run_dir.rglob("*") if p.is_file()
                                                  and p.relative_to(run_dir).parts[0] != "checkpoints"),
                          "checkpoint_bytes": folder_bytes(run_dir / "checkpoints"),
-                         "scratch_bytes": sum(folder_bytes(s) for s in scratch), "processes": procs, "open_files": files})
+                         "scratch_bytes": sum(folder_bytes(s) for s in scratch), "processes": procs,
+                         "open_files": files})
         ended = [e for e in events if e["event"] in (history.GAVE_UP, history.FINISHED)]
         if ended and state_of(job, env).split()[0] in ENDED + ("PENDING",):
             break
@@ -200,7 +201,8 @@ def soak(env: dict[str, str], root: Path, cycles: int) -> dict:
         "no open files left between runs": all(r["open_files"] == 0 for r in rows if r["open_files"] is not None),
         "checked between runs at least half the time": sum(r["processes"] is not None for r in rows) * 2 >= len(rows),
         "run folder does not grow (besides logs, metrics, history)": _flat([r["run_folder_bytes"] for r in rows]),
-        "run folder's file count does not grow (checkpoints apart)": _flat([r["run_folder_files"] for r in rows], slack=6),
+        "run folder's file count does not grow (checkpoints apart)":
+            _flat([r["run_folder_files"] for r in rows], slack=6),
         "scratch does not grow": _flat([r["scratch_bytes"] for r in rows]),
     }
     return {"job": job, "cycles": len(rows), "rows": rows, "checks": checks,
@@ -231,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
               f"in {result['parallel']['seconds']} s", flush=True)
     result["soak"] = soak(env, args.root, args.cycles)
     phases = ("stop", "save", "commit", "scheduler_wait", "start_up", "load", "first_step", "total")
-    print(f"{'cycle':>5} {'step':>5} " + " ".join(f"{p:>14}" for p in phases) + f" {'committed':>14} {'scratch MB':>10}")
+    print(f"{'cycle':>5} {'step':>5} " + " ".join(f"{p:>14}" for p in phases)
+          + f" {'committed':>14} {'scratch MB':>10}")
     for row in result["soak"]["rows"]:
         t = row.get("timeline", {})
         print(f"{row['cycle']:>5} {row['step']:>5} " + " ".join(

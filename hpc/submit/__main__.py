@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     wait.add_argument("--wait", dest="wait", action="store_true", default=None,
                       help="wait for the job and print its result (default for cluster=local)")
     wait.add_argument("--no-wait", dest="wait", action="store_false")
-    parser.add_argument("--list", action="store_true", help="list every preset, the folder it is read from and any it shadows")
+    parser.add_argument("--list", action="store_true",
+                        help="list every preset, the folder it is read from and any it shadows")
     return parser
 
 
