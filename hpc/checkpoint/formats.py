@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from hpc.checkpoint.manifest import CheckpointError
-from hpc.checkpoint.safe_load import SafeFileSystemReader, deepspeed_loads_safely
+from hpc.checkpoint.safe_load import SafeFileSystemReader, UnsafeCheckpoint, deepspeed_loads_safely, safe_torch_load
 from hpc.checkpoint.staging import FlatStager, rank_share
 from hpc.checkpoint.storage import ALGORITHM, CHUNK, FileEntry, checksum_text, hasher
 from hpc.faults import ENV as FAULTS_ENV
@@ -218,8 +217,8 @@ def load_rng(folder: Path, rank: int) -> bool:
     holds anything but tensors, numbers and text: it is never unpickled into objects (an older
     checkpoint's pickled generator states, or a file planted to run code)."""
     try:
-        state = torch.load(folder / RNG_DIR / f"rank-{rank}.pt", weights_only=True)
-    except pickle.UnpicklingError:
+        state = safe_torch_load(folder / RNG_DIR / f"rank-{rank}.pt")
+    except UnsafeCheckpoint:
         return False
     rng.restore(state)
     return True

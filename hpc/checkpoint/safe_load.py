@@ -15,14 +15,15 @@ file and which name, before any of it is built.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import importlib
 import inspect
 import io
+import pathlib
 import pickle
 from collections.abc import Iterator
-from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import torch
@@ -54,9 +55,9 @@ def _allowed() -> dict[tuple[str, str], Any]:
         if isinstance(value, torch.dtype):
             names[("torch", name)] = value
     names[("torch.serialization", "_get_layout")] = torch.serialization._get_layout  # by name, from torch
-    names[("collections", "OrderedDict")] = __import__("collections").OrderedDict
+    names[("collections", "OrderedDict")] = collections.OrderedDict
     for path_class in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"):
-        names[("pathlib", path_class)] = getattr(__import__("pathlib"), path_class)
+        names[("pathlib", path_class)] = getattr(pathlib, path_class)
     return names
 
 
@@ -107,7 +108,7 @@ def _safe_reader_class() -> type:
     return Reader
 
 
-def safe_torch_load(path: str | Path, **kwargs: Any) -> Any:
+def safe_torch_load(path: str | pathlib.Path, **kwargs: Any) -> Any:
     """`torch.load(path, weights_only=True)`, its refusal as UnsafeCheckpoint naming the file."""
     try:
         return torch.load(path, weights_only=True, **kwargs)
@@ -142,4 +143,5 @@ def deepspeed_loads_safely(engine: Any) -> Iterator[None]:
         checkpoint_engine.load = original
 
 
-__all__ = ["SafeFileSystemReader", "UnsafeCheckpoint", "deepspeed_loads_safely", "load_dcp_metadata", "safe_torch_load"]
+__all__ = ["SafeFileSystemReader", "UnsafeCheckpoint", "deepspeed_loads_safely", "load_dcp_metadata",
+           "safe_torch_load"]

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from hpc.config.errors import ConfigError, did_you_mean, unknown_choice
-from hpc.config.presets import SearchPath, search_path, shipped_dir
+from hpc.config.presets import SearchPath, search_path
 from hpc.config.schema import Config, StrategyConfig
 
 if TYPE_CHECKING:  # OmegaConf is imported only when a value needs its conversion or its error
@@ -50,12 +50,6 @@ SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "exp")
 # Values that must reach the schema as the exact text typed (YAML would read 1:30:00 as base 60).
 _LITERAL_KEYS = {"slurm.time", "slurm.job_name", "slurm.partition", "slurm.account", "slurm.qos",
                  "run.name"}
-
-
-def configs_dir() -> Path:
-    """The shipped configs folder: $HPC_CONFIG_DIR, else the package's (see hpc.config.presets)."""
-    env = os.environ.get("HPC_CONFIG_DIR")
-    return Path(env) if env else shipped_dir("configs")
 
 
 Presets = SearchPath | Path | None

@@ -91,12 +91,12 @@ def search_path(environ: Mapping[str, str] = os.environ, cwd: Path | None = None
     module docstring). A folder that appears twice (running from a checkout, ./configs is the
     shipped folder) is kept at its first place; folders that do not exist are left out."""
     here = Path(cwd) if cwd is not None else Path.cwd()
-    shipped = environ.get("HPC_CONFIG_DIR")
+    replaced = environ.get("HPC_CONFIG_DIR")
+    shipped = Folder(Path(replaced), "$HPC_CONFIG_DIR") if replaced else Folder(shipped_dir("configs"), "shipped")
     candidates = [Folder(here / "configs", "./configs")]
     candidates += [Folder(Path(p), "$HPC_CONFIG_PATH")
                    for p in environ.get("HPC_CONFIG_PATH", "").split(os.pathsep) if p]
-    candidates.append(Folder(Path(shipped), "$HPC_CONFIG_DIR") if shipped
-                      else Folder(shipped_dir("configs"), "shipped"))
+    candidates.append(shipped)
     seen: set[Path] = set()
     folders = []
     for folder in candidates:
@@ -105,6 +105,6 @@ def search_path(environ: Mapping[str, str] = os.environ, cwd: Path | None = None
             continue
         seen.add(key)
         # Running in a checkout, ./configs is the shipped folder: call it that.
-        origin = "shipped" if key == shipped_dir("configs").resolve() and not shipped else folder.origin
-        folders.append(Folder(folder.path, origin))
+        is_shipped = not replaced and key == shipped.path.resolve()
+        folders.append(Folder(folder.path, "shipped" if is_shipped else folder.origin))
     return SearchPath(tuple(folders))

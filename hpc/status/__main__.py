@@ -12,11 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from hpc.status.report import StatusError, find_run_dir, gather, render
+from hpc.status.report import ENDED, StatusError, find_run_dir, gather, render
 
-ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "STOPPED", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
-         "DEADLINE", "PREEMPTED")
-"""Job states after which --watch stops (a requeued job goes PENDING again, and is watched on)."""
 CLEAR = "\033[H\033[J"
 
 

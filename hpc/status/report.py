@@ -124,15 +124,17 @@ def gather(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     return out
 
 
-FINAL_STATES = ("FAILED", "CANCELLED", "NODE_FAIL", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED",
-                "COMPLETING")
-"""Job states of a job that has ended (COMPLETING: its batch shell has exited, SLURM is cleaning up)."""
+UNSUCCESSFUL = ("FAILED", "CANCELLED", "NODE_FAIL", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+"""Job states of a job that ended without finishing its work."""
+ENDED = ("COMPLETED", "STOPPED", *UNSUCCESSFUL)
+"""Job states after which nothing more happens (a requeued job goes PENDING again)."""
 
 
 def _unexplained_end(state: str, job_id: str | None, events: list[dict[str, Any]]) -> str | None:
     """The job's final state when its last run left no ending of its own (finished, requeued, gave
     up): the batch shell that gives the verdict was killed, or the node under it died."""
-    if job_id is None or not state.startswith(FINAL_STATES):
+    # COMPLETING: the batch shell has exited and SLURM is cleaning up; the verdict, if any, is written.
+    if job_id is None or not state.startswith((*UNSUCCESSFUL, "COMPLETING")):
         return None
     mine = [e for e in events if e.get("job_id") == job_id]
     starts = [e.get("restart", 0) for e in mine if e["event"] == history.STARTED]
