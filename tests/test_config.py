@@ -167,7 +167,7 @@ def test_the_direct_build_gives_what_omegaconf_gives(exp: str, monkeypatch) -> N
     strategy preset, and overrides of every kind."""
     import importlib
 
-    module = importlib.import_module("hpc.config.compose")  # the module (hpc.config.compose is also the function)
+    module = importlib.import_module("hpc.config.typed")
 
     overrides = [[], ["train.lr=1", "cluster.modules=[a,b]", "cluster.nccl.env={X: y}", "train.loggers=[wandb]",
                       "strategy.deepspeed={zero_optimization: {reduce_bucket_size: 5e7}}"],

@@ -8,32 +8,27 @@ Layers, lowest first:
   4. CLI overrides: dotted (`train.lr=3e-4`) or shorthand (`nodes=4`, `time=04:00:00`, ...)
 
 Every key is checked against the schema before merging, so a typo fails with the closest valid key.
-Presets are read from a search path (./configs, $HPC_CONFIG_PATH, the shipped ones: hpc.config.presets).
+Presets are read from a search path (./configs, $HPC_CONFIG_PATH, the shipped ones: hpc.config.presets);
+the merged result is typed onto the schema by hpc.config.typed.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
 import os
-import re
 import shutil
 import time
-import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from hpc.config.errors import ConfigError, did_you_mean, unknown_choice
 from hpc.config.presets import SearchPath, search_path
 from hpc.config.schema import Config, StrategyConfig
-
-if TYPE_CHECKING:  # OmegaConf is imported only when a value needs its conversion or its error
-    from omegaconf.errors import OmegaConfBaseException
+from hpc.config.typed import to_config
 
 # Preset groups: a bare `model=NAME` picks configs/model/NAME.yaml.
 GROUPS = ("model", "strategy", "cluster")
@@ -157,35 +152,6 @@ def resolve_cluster(name: str, which: Callable[[str], str | None] = shutil.which
     return "slurm" if which("sbatch") else "local"
 
 
-_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "text", list: "a list",
-          dict: "a mapping"}
-
-
-def _expected(full_key: str) -> str:
-    """What the schema wants at a dotted key, in words ('an integer', ...)."""
-    cls: Any = Config
-    hint: Any = None
-    for part in full_key.split("."):
-        if not dataclasses.is_dataclass(cls):
-            break
-        hint = typing.get_type_hints(cls).get(part)
-        cls = hint
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if hint is not None else []
-    base = typing.get_origin(hint) or hint
-    if base not in _KINDS and args:  # X | None
-        base = typing.get_origin(args[0]) or args[0]
-    return _KINDS.get(base, "a value of another type")
-
-
-def _type_error(err: OmegaConfBaseException, layer: str) -> ConfigError:
-    key = getattr(err, "full_key", None) or "?"
-    match = re.search(r"Value '(.*?)' (?:of type|is not)", str(err))
-    shown = f"={match.group(1)!r}" if match else ""
-    if match:
-        return ConfigError(f"{key}{shown}: expected {_expected(key)} (from {layer})")
-    return ConfigError(f"{key}: {str(err).splitlines()[0]} (from {layer})")
-
-
 def compose(
     overrides: Sequence[str] = (),
     *,
@@ -304,7 +270,7 @@ def _compose(overrides: Sequence[str], *, root: Presets, which: Callable[[str], 
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now()))
         merged = _deep_merge(merged, {"run": {"name": f"{exp}-{stamp}"}})
     strategy_layers = (str(picks["strategy"]), exp_data.get("strategy") or {}, cli.get("strategy") or {}, root)
-    return _to_config(merged, layers), strategy_layers
+    return to_config(merged, layers), strategy_layers
 
 
 def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -315,92 +281,6 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]
         else:
             out[key] = value
     return out
-
-
-def _layer_of(full_key: str, layers: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
-    """The last layer that set a dotted key: where the user should look to fix it."""
-    for name, data in reversed(layers):
-        node: Any = data
-        for part in full_key.split("."):
-            if not isinstance(node, Mapping) or part not in node:
-                break
-            node = node[part]
-        else:
-            return name
-    return "the composed config"
-
-
-def _to_config(data: Mapping[str, Any], layers: Sequence[tuple[str, Mapping[str, Any]]] = ()) -> Config:
-    """Type-check and convert a plain dict onto the schema, then freeze it.
-
-    Every value already of its field's type (what YAML presets and typed overrides give) is built
-    into the dataclasses directly; anything else (a value to convert, such as `account=123` for a
-    text field, or one to refuse) goes through one OmegaConf merge, whose conversions and errors
-    are the schema's rules. The direct path is a tenth of the time: the login node's dry run is
-    dominated by it otherwise."""
-    built = _build_exact(Config, data)
-    if built is not _MISMATCH:
-        return built  # type: ignore[return-value]
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    base = OmegaConf.structured(Config)
-    OmegaConf.set_readonly(base, False)
-    try:
-        merged = OmegaConf.merge(base, data)
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        raise _type_error(err, _layer_of(key, layers)) from None
-
-
-_MISMATCH = object()
-"""_build_exact's answer for data it does not take as it is (OmegaConf decides instead)."""
-
-
-@functools.lru_cache(maxsize=None)
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _build_exact(cls: type, data: Any) -> Any:
-    """The dataclass `cls` from `data` when every value has exactly its field's type (an int is
-    taken for a float), else _MISMATCH. Keys were checked before (check_keys)."""
-    if not isinstance(data, Mapping):
-        return _MISMATCH
-    hints = _hints(cls)
-    values = {}
-    for name, value in data.items():
-        value = _exact(hints[name], value)
-        if value is _MISMATCH:
-            return _MISMATCH
-        values[name] = value
-    return cls(**values)
-
-
-def _exact(hint: Any, value: Any) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return _build_exact(hint, value)
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is types.UnionType or origin is typing.Union:  # X | None
-        return None if value is None and type(None) in args else _exact(args[0], value)
-    if hint is Any:
-        return copy.deepcopy(value)
-    if origin is list:
-        items = [_exact(args[0], v) for v in value] if isinstance(value, list) else [_MISMATCH]
-        return _MISMATCH if any(v is _MISMATCH for v in items) else items
-    if origin is dict:
-        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-            return _MISMATCH
-        items = {k: _exact(args[1], v) for k, v in value.items()}
-        return _MISMATCH if any(v is _MISMATCH for v in items.values()) else items
-    if hint is float and type(value) in (int, float):
-        return float(value)
-    if type(value) is not hint:  # bool is not taken for int, nor int for str
-        return _MISMATCH
-    if hint is str and "${" in value:  # an interpolation: OmegaConf's to resolve
-        return _MISMATCH
-    return value
 
 
 def to_yaml(cfg: Config) -> str:
@@ -415,6 +295,6 @@ def from_yaml(text: str) -> Config:
     if not isinstance(data, dict):
         raise ConfigError("a resolved config must be a mapping of sections")
     check_keys(data, Config, "")
-    return _to_config(data, [("the saved config", data)])
+    return to_config(data, [("the saved config", data)])
 
 

@@ -233,7 +233,8 @@ def target_from_preset(source_config_yaml: str, strategy: str, world_size: int,
     the config the converted step records."""
     import yaml
 
-    from hpc.config.compose import _load_yaml, _parse_value, _set_dotted, _to_config, parse_overrides
+    from hpc.config.compose import _load_yaml, _parse_value, _set_dotted, parse_overrides
+    from hpc.config.typed import to_config
     from hpc.config.compose import to_yaml
 
     data = yaml.safe_load(source_config_yaml) if source_config_yaml else {}
@@ -255,7 +256,7 @@ def target_from_preset(source_config_yaml: str, strategy: str, world_size: int,
         _set_dotted(data, key, _parse_value(key, text))
     try:
         strategy_cfg = StrategyConfig(**{k: v for k, v in data["strategy"].items()})
-        cfg = _to_config(data) if data.get("model") else None
+        cfg = to_config(data) if data.get("model") else None
     except Exception as err:  # noqa: BLE001 - a config error is the user's to fix
         raise CheckpointError(f"--strategy {strategy}: {err}") from None
     if cfg is not None:
