@@ -9,8 +9,8 @@ stage and the stages above it in this table (tests/test_architecture.py holds th
                 faults         fault injection at named points of the real code (tests only)
     config      config/        typed schema, presets + CLI overrides, errors, DeepSpeed JSON
     estimate    estimate/      the planner: per-GPU memory, communication, step time, the advisor
-    submit      submit/        the plan (pure) -> --dry-run prints it; submission via submitit
     slurm       slurm.py       the one seam for sbatch/scontrol/squeue/sacct and SLURM's env
+    submit      submit/        the plan (pure) -> --dry-run prints it; submission via submitit
     launch      launch/        who am I (JobEnv), network, rendezvous, preflight, op builds
     train       train/         model, data, strategies/ (one file per engine), loop, rng, metrics
     checkpoint  checkpoint/    save -> scratch -> upload -> commit; restore; formats; storage

@@ -90,6 +90,12 @@ class RunFolder:
         """submitit's log of one task (`out` or `err`)."""
         return self.submitit / f"{job_id}_{task}_log.{stream}"
 
+    def latest_job_id(self) -> str | None:
+        """The job submitted last into this folder (submitit keeps one `<job>_submitted.pkl` per
+        submission); None before the first."""
+        pickles = sorted(self.submitit.glob("*_submitted.pkl"), key=lambda p: p.stat().st_mtime)
+        return pickles[-1].name.split("_submitted")[0] if pickles else None
+
     def is_run_folder(self) -> bool:
         return self.config.is_file()
 

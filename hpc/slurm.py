@@ -116,6 +116,14 @@ def task_steps(job_id: str, env: Mapping[str, str] | None = None) -> list[str]:
     return [s for s in out.split() if s.partition(".")[2].isdigit()]
 
 
+def queue_state(job_id: str, env: Mapping[str, str] | None = None) -> str:
+    """The job's state while squeue lists it (PENDING, RUNNING, COMPLETING: its processes are still
+    being ended, ...); "" once it has left the queue or SLURM does not know it."""
+    out = run(["squeue", "-h", "-j", job_id, "-o", "%T"], check=False, env=env)
+    states = out.split()
+    return states[0] if states else ""
+
+
 def node_states(nodes: Sequence[str], env: Mapping[str, str] | None = None) -> dict[str, str]:
     """Each node's state as sinfo spells it (idle, mixed, allocated, draining, drained, down, ...),
     with the reason an admin or SLURM gave, if any: {"n2": "drained (reason: bad GPU)"}."""

@@ -15,7 +15,7 @@ import hpc
 PACKAGE = Path(__file__).resolve().parents[1] / "hpc"
 
 # Left to right: a module may import from its own stage and from stages to its left.
-STAGES = ["base", "config", "estimate", "submit", "slurm", "launch", "train", "checkpoint", "requeue", "bench", "status",
+STAGES = ["base", "config", "estimate", "slurm", "submit", "launch", "train", "checkpoint", "requeue", "bench", "status",
           "job"]
 ROOMS = {
     # base: named once, usable by every stage (they import nothing of hpc but each other)
@@ -23,9 +23,10 @@ ROOMS = {
     "config": "config",
     # the planner: pure arithmetic on a Config (the trainer takes the model's shape from it)
     "estimate": "estimate",
-    "submit": "submit",
-    # `slurm` is the seam the in-allocation stages reach SLURM through (commands, environment)
+    # `slurm` is the seam every stage reaches SLURM through (commands, environment); it imports
+    # nothing of hpc. Submit asks it whether a run's last job is still queued.
     "slurm": "slurm",
+    "submit": "submit",
     "launch": "launch",
     "train": "train",
     "checkpoint": "checkpoint",

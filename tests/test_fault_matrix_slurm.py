@@ -90,6 +90,12 @@ def test_srun_killed_requeues_the_job_and_it_resumes_from_the_committed_step(
     run = Run(cluster_env, tmp_path / "srun", submit(cluster_env, *RUN, f"run.root={tmp_path}", "run.name=srun",
                                                      "--no-wait", faults=SLOW))
     wait_for("the run to train past a commit", lambda: run.step() >= 12 and _committed(run), 240)
+    # The same command again while the job runs: refused, and the folder is left as it was.
+    config, pickles = (run.dir / "config.yaml").read_bytes(), sorted((run.dir / "submitit").glob("*_submitted.pkl"))
+    again = submit(cluster_env, *RUN, f"run.root={tmp_path}", "run.name=srun", "--no-wait", faults=SLOW)
+    assert again.returncode == 1 and f"job {run.job_id}, which is still RUNNING" in again.stderr, again.stderr
+    assert (run.dir / "config.yaml").read_bytes() == config
+    assert sorted((run.dir / "submitit").glob("*_submitted.pkl")) == pickles
     sruns = _pids(f"srun .*{run.dir}/submitit")  # srun and the helper it forks
     assert sruns, "the batch step's srun was not found"
     for pid in sruns:

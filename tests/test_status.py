@@ -133,3 +133,19 @@ def test_watch_shows_the_view_until_the_job_ends(finished_run: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "hpc.status", str(finished_run), "--watch", "1"],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0 and proc.stdout.count("run         ") == 1, proc.stdout
+
+
+def test_a_job_that_lost_its_batch_shell_is_told_apart_while_slurm_still_ends_it(finished_run: Path) -> None:
+    """COMPLETING without a verdict: the ranks may still save and requeue the job (SLURM's SIGTERM
+    reads as a preemption to them), so status must not yet tell the user to submit again."""
+    real = status.gather(finished_run)
+    ending = status.render({**real, "state": "COMPLETING", "unexplained_end": "COMPLETING"})
+    assert "ending      without the batch shell's verdict (COMPLETING)" in ending
+    assert "last committed step 6 so far" in ending and "submit again only once it has left the queue" in ending
+    ended = status.render({**real, "state": "FAILED", "unexplained_end": "FAILED"})
+    assert "ended       without the batch shell's verdict (FAILED)" in ended
+    assert "last committed step 6; submit the same command again to resume" in ended
+    # The state alone decides nothing: a run whose last start wrote its ending is explained.
+    events = [{"event": "started", "job_id": "7", "restart": 0}, {"event": "finished", "job_id": "7", "restart": 0}]
+    assert status.report._unexplained_end("COMPLETING", "7", events) is None
+    assert status.report._unexplained_end("COMPLETING", "7", events[:1]) == "COMPLETING"

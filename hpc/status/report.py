@@ -67,9 +67,9 @@ def _last_checkpoint(cfg: Config, run_dir: Path) -> dict[str, Any] | None:
 
 
 def _job_id(run_dir: Path, events: list[dict[str, Any]]) -> str | None:
-    pickles = sorted(RunFolder(run_dir).submitit.glob("*_submitted.pkl"), key=lambda p: p.stat().st_mtime)
-    if pickles:
-        return pickles[-1].name.split("_submitted")[0]
+    latest = RunFolder(run_dir).latest_job_id()
+    if latest is not None:
+        return latest
     return events[-1].get("job_id") if events else None
 
 
@@ -133,7 +133,8 @@ ENDED = ("COMPLETED", "STOPPED", *UNSUCCESSFUL)
 def _unexplained_end(state: str, job_id: str | None, events: list[dict[str, Any]]) -> str | None:
     """The job's final state when its last run left no ending of its own (finished, requeued, gave
     up): the batch shell that gives the verdict was killed, or the node under it died."""
-    # COMPLETING: the batch shell has exited and SLURM is cleaning up; the verdict, if any, is written.
+    # COMPLETING: the batch shell has exited and SLURM is ending the job's processes; the verdict, if
+    # any, is written, but ranks that outlived the shell take SLURM's SIGTERM for a preemption.
     if job_id is None or not state.startswith((*UNSUCCESSFUL, "COMPLETING")):
         return None
     mine = [e for e in events if e.get("job_id") == job_id]
@@ -225,8 +226,13 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
         lines.append(f"stopped     {status['gave_up']}")
     if status.get("unexplained_end"):
         step = f"last committed step {ckpt['step']}" if ckpt and "step" in ckpt else "no committed step"
-        lines.append(f"ended       without the batch shell's verdict ({status['unexplained_end']}): its batch shell "
-                     f"or node died; {step}; submit the same command again to resume")
+        if status["unexplained_end"] == "COMPLETING":  # SLURM is still ending the ranks: they may save and requeue
+            lines.append(f"ending      without the batch shell's verdict (COMPLETING): its batch shell or node died; "
+                         f"{step} so far; the ranks may still save and requeue the job: submit again only "
+                         "once it has left the queue")
+        else:
+            lines.append(f"ended       without the batch shell's verdict ({status['unexplained_end']}): its batch "
+                         f"shell or node died; {step}; submit the same command again to resume")
     if status["timelines"]:
         lines.append("")
         lines.append(timeline_table(status["timelines"]))

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import importlib
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from hpc import slurm
 from hpc.config import Config
 from hpc.files import write_atomically
 from hpc.run_folder import RunFolder
@@ -52,11 +55,44 @@ def _executor(plan: Plan) -> Any:
     return executor
 
 
+COMPLETING_WAIT_S = 60.0
+"""How long a submit waits for the run's previous job to finish COMPLETING before refusing."""
+
+
+def refuse_a_live_job(plan: Plan, *, wait_s: float = COMPLETING_WAIT_S,
+                      sleep: Callable[[float], None] = time.sleep) -> None:
+    """One job per run folder: a second one would train the same run beside the first and the two
+    would overwrite each other's checkpoints and history. The run's last job still in SLURM's
+    queue (pending, running, requeued, held) refuses the submission. A COMPLETING job is waited for
+    up to `wait_s`: SLURM is ending its processes, and ranks that outlived their batch shell take
+    that for a preemption, save and requeue the job."""
+    if plan.executor != "slurm":
+        return
+    job = RunFolder(plan.run_dir).latest_job_id()
+    if job is None:
+        return
+    deadline = time.monotonic() + wait_s
+    try:
+        state = slurm.queue_state(job)
+        while state == "COMPLETING" and time.monotonic() < deadline:
+            sleep(1.0)
+            state = slurm.queue_state(job)
+    except slurm.SlurmError as err:
+        raise SubmitError(f"cannot tell whether job {job} of {plan.run_dir} is still queued: {err}") from None
+    if state:
+        raise SubmitError(
+            f"{plan.run_dir} is the run folder of job {job}, which is still {state}: a second job would train "
+            f"the same run beside it and overwrite its checkpoints. HINT: wait for it "
+            f"(python -m hpc.status {plan.run_dir} --watch), end it first (scancel {job}), "
+            "or give this run another run.name")
+
+
 def submit(plan: Plan) -> Any:
     """Write the run folder (resolved config) and submit; returns the submitit Job."""
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
     executor = _executor(plan)
+    refuse_a_live_job(plan)
     fresh = not plan.run_dir.exists()
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     RunFolder(plan.run_dir).rendezvous.mkdir(exist_ok=True)
