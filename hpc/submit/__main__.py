@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hpc import slurm
 from hpc.config import Config, ConfigError
 from hpc.config.compose import compose_strategies
 from hpc.config.deepspeed_check import check_at_submit
@@ -70,9 +71,17 @@ def _check_token_file(cfg: Config) -> None:
                           f"the model: set model.vocab_size={vocab} or more")
 
 
-def _wait_showing_warnings(job: Any, run_dir: Path, every_s: float = 1.0) -> None:
+LEAVE_QUEUE_WAIT_S = 120.0
+"""How long a waiting client gives a SLURM job whose ranks are done to leave the queue."""
+
+
+def _wait_showing_warnings(job: Any, run_dir: Path, executor: str, every_s: float = 1.0) -> None:
     """Until the job is done, print the warnings and errors its ranks log, as they come (on
-    stderr: stdout keeps the result)."""
+    stderr: stdout keeps the result).
+
+    On SLURM, done means out of the queue: rank 0's result is written before the batch shell has
+    given its verdict, and a client that returned then would have its next submission of the same
+    run folder refused (one job per run folder)."""
     follower = LogFollower(Path(run_dir), str(job.job_id))
 
     def show() -> None:
@@ -82,7 +91,19 @@ def _wait_showing_warnings(job: Any, run_dir: Path, every_s: float = 1.0) -> Non
     while not job.done():
         show()
         time.sleep(every_s)
+    if executor == "slurm":
+        deadline = time.monotonic() + LEAVE_QUEUE_WAIT_S
+        while time.monotonic() < deadline and _still_queued(str(job.job_id)):
+            show()
+            time.sleep(every_s)
     show()
+
+
+def _still_queued(job_id: str) -> bool:
+    try:
+        return bool(slurm.queue_state(job_id))
+    except slurm.SlurmError:
+        return False  # squeue cannot answer: the job's own result decides
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     sys.stdout.flush()
     try:
-        _wait_showing_warnings(job, plan.run_dir)
+        _wait_showing_warnings(job, plan.run_dir, plan.executor)
         result = job.results()[0]  # rank 0's return value
     except Exception as err:  # submitit re-raises the job's failure with its traceback text
         print(f"job {job.job_id} failed: {err}", file=sys.stderr)
