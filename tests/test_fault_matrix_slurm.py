@@ -117,7 +117,8 @@ def test_the_batch_shell_killed_ends_the_job_and_status_says_so_with_the_committ
     """SIGKILL the batch shell. SLURM then ends the job's steps with SIGTERM, which the ranks take
     for a preemption: they save and ask for a requeue. Whether that requeue is taken depends on
     how far SLURM's clean-up has got (a COMPLETING job cannot be requeued), so either the run
-    completes from a committed step, or it ends and `hpc.status` says why and where to resume."""
+    completes from a committed step, or it ends and `hpc.status` says why (the requeue refused, or
+    no verdict at all) and where to resume."""
     run = Run(cluster_env, tmp_path / "shell", submit(cluster_env, *RUN, f"run.root={tmp_path}", "run.name=shell",
                                                       "--no-wait", faults=SLOW))
     wait_for("the run to train past a commit", lambda: run.step() >= 12 and _committed(run), 240)
@@ -140,7 +141,10 @@ def test_the_batch_shell_killed_ends_the_job_and_status_says_so_with_the_committ
         assert [e["reason"] for e in requeued] == ["preemption"], requeued
         assert run.events("started")[1]["step"] == requeued[0]["step"] >= committed
         assert run.events("finished")[-1]["step"] == 40 and "step 40 of 40" in status, status
-    else:
+    elif "scontrol requeue failed" in status:  # the ranks lived to ask for the requeue, too late
+        assert re.search(r"stopped\s+scontrol requeue failed", status), status
+        assert f"last committed checkpoint is step {newest}; submit the same command" in status, status
+    else:  # the ranks were gone before they could ask
         assert state in ("FAILED", "CANCELLED") or state.startswith("CANCELLED"), (state, run.explain())
         assert re.search(r"ended\s+without the batch shell's verdict \([A-Z_]+\)", status), status
         assert f"last committed step {newest}" in status, status

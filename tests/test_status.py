@@ -149,3 +149,12 @@ def test_a_job_that_lost_its_batch_shell_is_told_apart_while_slurm_still_ends_it
     events = [{"event": "started", "job_id": "7", "restart": 0}, {"event": "finished", "job_id": "7", "restart": 0}]
     assert status.report._unexplained_end("COMPLETING", "7", events) is None
     assert status.report._unexplained_end("COMPLETING", "7", events[:1]) == "COMPLETING"
+
+
+def test_a_job_that_has_ended_short_of_its_steps_shows_no_eta(finished_run: Path, monkeypatch) -> None:
+    halfway = {"step": 3, "time": 0.0, "tokens_per_s": 100.0, "step_time_s": 0.5}
+    monkeypatch.setattr(status.report, "_last_metrics", lambda run_dir: halfway)
+    for state, has_eta in (("RUNNING", True), ("PENDING", True), ("FAILED", False), ("CANCELLED by 0", False),
+                           ("NODE_FAIL", False)):
+        monkeypatch.setattr(status.report, "_job", lambda job_id, events, s=state: (s, None))
+        assert (status.gather(finished_run)["eta"] is not None) is has_eta, state

@@ -118,7 +118,8 @@ def gather(run_dir: Path, now: float | None = None) -> dict[str, Any]:
                         if e.get("job_id") == job_id and (e.get("timeline") or {}).get("total") is not None]
     restarts_s = [e["timeline"]["total"] for e in starts if (e.get("timeline") or {}).get("total")]
     out["restart_s"] = sum(restarts_s) / len(restarts_s) if restarts_s else None
-    out["eta"] = _eta(cfg, out, now)
+    # A job that has ended trains no more until it is submitted again: no ETA to show.
+    out["eta"] = None if (state.split() or [""])[0] in ENDED or gave_up else _eta(cfg, out, now)
     out["nodes"] = _nodes_of_latest_start(starts)
     out["unexplained_end"] = _unexplained_end(state, job_id, events)
     return out
