@@ -12,7 +12,8 @@ import re
 import signal
 import subprocess
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -122,6 +123,18 @@ def queue_state(job_id: str, env: Mapping[str, str] | None = None) -> str:
     out = run(["squeue", "-h", "-j", job_id, "-o", "%T"], check=False, env=env)
     states = out.split()
     return states[0] if states else ""
+
+
+def wait_in_queue(job_id: str, *, until: Callable[[str], bool], timeout_s: float, every_s: float = 1.0,
+                  sleep: Callable[[float], None] = time.sleep, env: Mapping[str, str] | None = None) -> str:
+    """Ask `queue_state` every `every_s` until `until(state)` holds or `timeout_s` passed; returns
+    the last state ("" once the job has left the queue)."""
+    deadline = time.monotonic() + timeout_s
+    state = queue_state(job_id, env=env)
+    while not until(state) and time.monotonic() < deadline:
+        sleep(every_s)
+        state = queue_state(job_id, env=env)
+    return state
 
 
 def node_states(nodes: Sequence[str], env: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from hpc.checkpoint.manifest import MANIFEST
+from checkpoint_jobs import committed_steps
 from slurm_jobs import Run, submit, wait_for
 
 pytestmark = pytest.mark.slurm
@@ -33,7 +34,7 @@ def _pids(pattern: str) -> list[int]:
 
 
 def _committed(run: Run) -> list[int]:
-    return sorted(int(p.parent.name.split("-")[1]) for p in (run.dir / "checkpoints").glob(f"step-*/{MANIFEST}"))
+    return committed_steps(run.dir)
 
 
 @pytest.fixture(scope="module")

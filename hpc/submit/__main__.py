@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import sys
@@ -88,22 +89,17 @@ def _wait_showing_warnings(job: Any, run_dir: Path, executor: str, every_s: floa
         for line in follower.new_lines():
             print(f"job {job.job_id}: {line}", file=sys.stderr, flush=True)
 
-    while not job.done():
+    def show_then_sleep(seconds: float) -> None:
         show()
-        time.sleep(every_s)
+        time.sleep(seconds)
+
+    while not job.done():
+        show_then_sleep(every_s)
     if executor == "slurm":
-        deadline = time.monotonic() + LEAVE_QUEUE_WAIT_S
-        while time.monotonic() < deadline and _still_queued(str(job.job_id)):
-            show()
-            time.sleep(every_s)
+        with contextlib.suppress(slurm.SlurmError):  # squeue cannot answer: the job's own result decides
+            slurm.wait_in_queue(str(job.job_id), until=lambda state: not state, timeout_s=LEAVE_QUEUE_WAIT_S,
+                                every_s=every_s, sleep=show_then_sleep)
     show()
-
-
-def _still_queued(job_id: str) -> bool:
-    try:
-        return bool(slurm.queue_state(job_id))
-    except slurm.SlurmError:
-        return False  # squeue cannot answer: the job's own result decides
 
 
 def main(argv: Sequence[str] | None = None) -> int:

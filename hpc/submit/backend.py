@@ -71,12 +71,8 @@ def refuse_a_live_job(plan: Plan, *, wait_s: float = COMPLETING_WAIT_S,
     job = RunFolder(plan.run_dir).latest_job_id()
     if job is None:
         return
-    deadline = time.monotonic() + wait_s
     try:
-        state = slurm.queue_state(job)
-        while state == "COMPLETING" and time.monotonic() < deadline:
-            sleep(1.0)
-            state = slurm.queue_state(job)
+        state = slurm.wait_in_queue(job, until=lambda s: s != "COMPLETING", timeout_s=wait_s, sleep=sleep)
     except slurm.SlurmError as err:
         raise SubmitError(f"cannot tell whether job {job} of {plan.run_dir} is still queued: {err}") from None
     if state:

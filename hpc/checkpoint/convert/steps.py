@@ -233,9 +233,8 @@ def target_from_preset(source_config_yaml: str, strategy: str, world_size: int,
     the config the converted step records."""
     import yaml
 
-    from hpc.config.compose import _load_yaml, _parse_value, _set_dotted, parse_overrides
+    from hpc.config.compose import _load_yaml, _parse_value, _set_dotted, parse_overrides, to_yaml
     from hpc.config.typed import to_config
-    from hpc.config.compose import to_yaml
 
     data = yaml.safe_load(source_config_yaml) if source_config_yaml else {}
     if not isinstance(data, dict):
